@@ -1,0 +1,3 @@
+"""filterd: a mail content filter for Postfix, replacing amavisd-new."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from filterd.cli.main import main
+
+raise SystemExit(main())

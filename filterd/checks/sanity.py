@@ -1,0 +1,102 @@
+"""Message sanity: header and MIME structure problems that mail clients tolerate and spam shows.
+
+Trusts: nothing; reads the raw header block and the parser's defect list.
+Settings: none. Symbols (scores in rules/scores.toml; bad-header ones feed the quarantine's
+"bad-header" category):
+  MISSING_DATE, MISSING_MID, MISSING_FROM, MISSING_SUBJECT, FROM_MALFORMED, DATE_MALFORMED,
+  HEADER_8BIT (raw 8-bit bytes in the header block), HEADER_DUPLICATE (options: header names),
+  HEADER_LINE_TOO_LONG (over RFC 5322's 998), MESSAGE_NO_BODY (no header/body separator),
+  MESSAGE_NUL_BYTES, MIME_DEFECT (options: defect names), MIME_BAD_BASE64,
+  MIME_MISSING_BOUNDARY, MIME_NESTING_TOO_DEEP, __CONTENT_TRUNCATED (only the first
+  scan.content_size_limit bytes were read by content checks).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+
+from filterd.message import MessageView
+from filterd.pipeline import Phase, ScanContext, check
+from filterd.policy import Symbol
+
+_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
+_LONG_LINE = re.compile(rb"[^\n]{999,}")
+_ADDR = re.compile(r"[^@\s<>]+@[^@\s<>]+")
+# RFC 5322 3.6: these may appear at most once.
+_SINGLE = ("from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id",
+           "in-reply-to", "references")
+_BASE64_DEFECTS = {"InvalidBase64PaddingDefect", "InvalidBase64CharactersDefect",
+                   "InvalidBase64LengthDefect"}
+_BOUNDARY_DEFECTS = {"StartBoundaryNotFoundDefect", "NoBoundaryInMultipartDefect",
+                     "CloseBoundaryNotFoundDefect", "MultipartInvariantViolationDefect"}
+_HARMLESS_DEFECTS = {"MissingHeaderBodySeparatorDefect"}  # reported as MESSAGE_NO_BODY
+
+
+def header_block(raw: bytes) -> tuple[bytes, bool]:
+    """The raw header block and whether a header/body separator was found."""
+    end = raw.find(b"\n\n")
+    crlf = raw.find(b"\r\n\r\n")
+    if crlf != -1 and (end == -1 or crlf < end):
+        return raw[:crlf], True
+    if end != -1:
+        return raw[:end], True
+    return raw, False
+
+
+@check("sanity", phase=Phase.PRE, symbols=(
+    "MISSING_DATE", "MISSING_MID", "MISSING_FROM", "MISSING_SUBJECT", "FROM_MALFORMED",
+    "DATE_MALFORMED", "HEADER_8BIT", "HEADER_DUPLICATE", "HEADER_LINE_TOO_LONG",
+    "MESSAGE_NO_BODY", "MESSAGE_NUL_BYTES", "MIME_DEFECT", "MIME_BAD_BASE64",
+    "MIME_MISSING_BOUNDARY", "MIME_NESTING_TOO_DEEP", "__CONTENT_TRUNCATED"))
+def sanity(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
+    out: list[Symbol] = []
+    head, has_body = header_block(msg.raw)
+    # mbox-style files start with a "From " line that is not a header
+    if head.startswith(b"From "):
+        head = head[head.find(b"\n") + 1:]
+
+    if not msg.has_header("Date"):
+        out.append(Symbol("MISSING_DATE"))
+    else:
+        try:
+            if email.utils.parsedate_tz(msg.first("Date")) is None:
+                out.append(Symbol("DATE_MALFORMED"))
+        except Exception:
+            out.append(Symbol("DATE_MALFORMED"))
+    if not msg.has_header("Message-ID"):
+        out.append(Symbol("MISSING_MID"))
+    if not msg.has_header("Subject"):
+        out.append(Symbol("MISSING_SUBJECT"))
+    if not msg.has_header("From"):
+        out.append(Symbol("MISSING_FROM"))
+    elif not _ADDR.search(msg.first("From")):
+        out.append(Symbol("FROM_MALFORMED"))
+
+    if _EIGHT_BIT.search(head):
+        out.append(Symbol("HEADER_8BIT"))
+    dups = tuple(n for n in _SINGLE if len(msg.header_raw(n)) > 1)
+    if dups:
+        out.append(Symbol("HEADER_DUPLICATE", dups))
+    if _LONG_LINE.search(head):
+        out.append(Symbol("HEADER_LINE_TOO_LONG"))
+    if not has_body:
+        out.append(Symbol("MESSAGE_NO_BODY"))
+    if b"\x00" in msg.raw:
+        out.append(Symbol("MESSAGE_NUL_BYTES"))
+
+    defects = set(msg.defects)
+    if "NestingTooDeep" in defects or any(d.startswith("ParseError") for d in defects):
+        out.append(Symbol("MIME_NESTING_TOO_DEEP" if "NestingTooDeep" in defects
+                          else "MIME_DEFECT", tuple(sorted(defects))))
+    else:
+        if defects & _BASE64_DEFECTS:
+            out.append(Symbol("MIME_BAD_BASE64"))
+        if defects & _BOUNDARY_DEFECTS:
+            out.append(Symbol("MIME_MISSING_BOUNDARY"))
+        other = defects - _BASE64_DEFECTS - _BOUNDARY_DEFECTS - _HARMLESS_DEFECTS
+        if other:
+            out.append(Symbol("MIME_DEFECT", tuple(sorted(other))))
+    if msg.truncated:
+        out.append(Symbol("__CONTENT_TRUNCATED", (str(msg.content_limit),)))
+    return out

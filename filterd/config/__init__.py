@@ -1,0 +1,350 @@
+"""The daemon's own settings: every key typed, defaulted and documented here, in one place.
+
+Trusts: the TOML file named by --config (default /etc/filterd/filterd.toml); a missing default
+file means "built-in defaults", a missing file named explicitly is an error.
+Reads: FILTERD_CONFIG, FILTERD_STATE_DIR from the environment (the CLI passes them in).
+
+Policy (scores, levels, forced actions) is not here: it is data in rules/ (filterd.ruleset).
+Unknown keys are errors, never silently ignored: a typo must not leave a site on a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+DEFAULT_CONFIG = Path("/etc/filterd/filterd.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/filterd")
+PROJECT_RULES = Path(__file__).resolve().parents[2] / "rules"
+
+
+class ConfigError(Exception):
+    """A problem in one configuration file, naming the file, the key and the problem."""
+
+    def __init__(self, source: str, key: str, problem: str):
+        self.source, self.key, self.problem = source, key, problem
+        super().__init__(f"{source}: {key}: {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    key: str                     # "section.name"
+    kind: str                    # bool, int, float, str, list, choice, networks, hostport
+    default: Any
+    doc: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+
+    @property
+    def section(self) -> str:
+        return self.key.partition(".")[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.partition(".")[2]
+
+
+_PRIVATE_NETS = ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                 "fc00::/7", "fe80::/10"]
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- daemon ------------------------------------------------------------------------
+    Setting("daemon.state_dir", "str", str(DEFAULT_STATE_DIR),
+            "Where all embedded state lives (quarantine, Bayes, caches, control socket). "
+            "--state-dir and FILTERD_STATE_DIR override it."),
+    Setting("daemon.user", "str", "filterd",
+            "Unprivileged user that `filterd serve` switches to when started as root; '' keeps root."),
+    Setting("daemon.hostname", "str", "",
+            "This host's name in X-Virus-Scanned and logs; '' means the machine's FQDN."),
+    Setting("daemon.max_concurrent_scans", "int", 32,
+            "Messages scanned at once across both front ends; more wait (the MTA's timeouts "
+            "apply).", minimum=1),
+    Setting("log.format", "choice", "kv", "One line per message as key=value or JSON.",
+            choices=("kv", "json")),
+    Setting("log.level", "choice", "info", "Log level.",
+            choices=("debug", "info", "warning", "error")),
+    Setting("log.target", "choice", "stderr",
+            "Where logs go: stderr (journald picks it up under systemd) or syslog.",
+            choices=("stderr", "syslog")),
+    # --- rules / policy data -----------------------------------------------------------
+    Setting("rules.dir", "str", "",
+            "Shipped rule set (never edited); '' means the one installed with filterd."),
+    Setting("rules.site_dir", "str", "",
+            "Site layer with local.d/ (merged) and override.d/ (replacing) rule files; '' means "
+            "the directory of the config file."),
+    # --- scanning ------------------------------------------------------------------------
+    Setting("scan.deadline", "float", 60.0,
+            "Seconds one message may take in total; past it the message is tempfailed.",
+            minimum=0.1),
+    Setting("scan.check_timeout", "float", 20.0,
+            "Default seconds for one check inside the deadline; a check that overruns adds "
+            "CHECK_TIMEOUT (score 0) and the scan goes on.", minimum=0.01),
+    Setting("scan.content_size_limit", "int", 1024 * 1024,
+            "Bytes of a message the content checks (rules, Bayes, sanity) read; antivirus and "
+            "quarantine always get the whole message (amavis: sa_mail_body_size_limit).",
+            minimum=1024),
+    Setting("scan.trusted_networks", "networks", ["127.0.0.0/8", "::1/128"],
+            "Relays whose Received headers are trusted when finding the last external relay."),
+    Setting("scan.mynetworks", "networks", _PRIVATE_NETS,
+            "Clients whose mail is 'originating' (outbound): scanned for viruses, never "
+            "spam-tagged (amavis: @mynetworks)."),
+    # --- milter front end ----------------------------------------------------------------
+    Setting("milter.enabled", "bool", True, "Serve the milter protocol (Postfix smtpd_milters)."),
+    Setting("milter.listen", "str", "inet:8890@127.0.0.1",
+            "libmilter socket spec: inet:PORT@HOST, inet6:PORT@HOST or unix:/path."),
+    Setting("milter.timeout", "int", 600,
+            "Seconds libmilter waits on an idle MTA connection.", minimum=1),
+    Setting("milter.quarantine_reply", "choice", "discard",
+            "After quarantining in milter mode: 'discard' (client gets 250) or 'reject' (550).",
+            choices=("discard", "reject")),
+    # --- after-queue SMTP front end ------------------------------------------------------
+    Setting("smtp.enabled", "bool", True,
+            "Serve the after-queue content filter (Postfix content_filter) over SMTP."),
+    Setting("smtp.listen", "hostport", "127.0.0.1:10024", "Address the SMTP filter listens on."),
+    Setting("smtp.xforward_peers", "networks", ["127.0.0.0/8", "::1/128"],
+            "Clients allowed to send XFORWARD (the real client IP/HELO); others are refused."),
+    Setting("smtp.reinject", "hostport", "127.0.0.1:10025",
+            "Postfix listener without content_filter or milters that takes filtered mail back."),
+    Setting("smtp.reinject_timeout", "float", 120.0, "Seconds for one reinjection.", minimum=1),
+    Setting("smtp.max_message_size", "int", 64 * 1024 * 1024,
+            "Largest message the SMTP filter accepts (keep >= Postfix message_size_limit).",
+            minimum=1024),
+    Setting("smtp.reject_action", "choice", "quarantine",
+            "What a 'reject' verdict does after queue: 'quarantine' (no bounce to a likely "
+            "forged sender), 'discard' or 'reject' (550: Postfix bounces).",
+            choices=("quarantine", "discard", "reject")),
+    # --- headers -------------------------------------------------------------------------
+    Setting("headers.virus_scanned", "str", "filterd at {hostname}",
+            "X-Virus-Scanned value on scanned mail ({hostname} is daemon.hostname)."),
+    Setting("headers.remove_incoming", "list",
+            ["X-Spam-Flag", "X-Spam-Score", "X-Spam-Level", "X-Spam-Status", "X-Spam-Report",
+             "X-Virus-Scanned", "X-Virus-Status", "X-Filterd-*"],
+            "Incoming headers removed before ours are added, so a sender cannot forge a "
+            "verdict; a trailing * matches a prefix. No other header is touched."),
+    Setting("headers.always_add_spam_headers", "bool", False,
+            "Add X-Spam-* below tag_level too (amavis: tag_level = -999)."),
+    # --- quarantine ----------------------------------------------------------------------
+    Setting("quarantine.dir", "str", "",
+            "Quarantine spool; '' means <state_dir>/quarantine."),
+    Setting("quarantine.retention_days", "int", 30,
+            "Days a quarantined message is kept before expiry.", minimum=1),
+    Setting("quarantine.release_via", "hostport", "127.0.0.1:10026",
+            "Postfix listener with no filters that takes released messages."),
+    # --- control socket ------------------------------------------------------------------
+    Setting("control.socket", "str", "",
+            "Unix socket (0600) for `filterd reload|status`; '' means <state_dir>/control.sock."),
+)
+
+BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
+
+
+def _check_networks(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of networks such as [\"127.0.0.0/8\"]")
+    for v in value:
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP network") from None
+    return list(value)
+
+
+def _check_hostport(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected \"HOST:PORT\"")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return value
+
+
+def coerce(setting: Setting, value: Any) -> Any:
+    """Validate one value against its setting; raises ValueError with the problem."""
+    kind = setting.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {value!r}")
+        value = float(value)
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+    elif kind == "list":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"expected a list of strings, got {value!r}")
+    elif kind == "choice":
+        if value not in setting.choices:
+            raise ValueError(f"expected one of {', '.join(setting.choices)}, got {value!r}")
+    elif kind == "networks":
+        value = _check_networks(value)
+    elif kind == "hostport":
+        value = _check_hostport(value)
+    if setting.minimum is not None and value < setting.minimum:
+        raise ValueError(f"must be at least {setting.minimum:g}, got {value!r}")
+    return value
+
+
+class Section:
+    __slots__ = ("_name", "_values")
+
+    def __init__(self, name: str, values: dict[str, Any]):
+        self._name, self._values = name, values
+
+    def __getattr__(self, item: str) -> Any:
+        try:
+            return self._values[item]
+        except KeyError:
+            raise AttributeError(f"no setting {self._name}.{item}") from None
+
+
+class Settings:
+    """Validated settings: `settings.smtp.listen`, `settings.get("smtp.listen")`."""
+
+    def __init__(self, values: dict[str, Any], sources: dict[str, str], path: Path | None):
+        self._values = values
+        self._sources = sources
+        self.path = path
+        self._sections = {sec: Section(sec, {s.name: values[s.key] for s in SETTINGS
+                                             if s.section == sec}) for sec in SECTIONS}
+
+    def __getattr__(self, item: str) -> Section:
+        try:
+            return self._sections[item]
+        except KeyError:
+            raise AttributeError(f"no settings section {item}") from None
+
+    def get(self, key: str) -> Any:
+        return self._values[key]
+
+    def source(self, key: str) -> str:
+        return self._sources.get(key, "default")
+
+    def items(self) -> Iterable[tuple[Setting, Any]]:
+        return ((s, self._values[s.key]) for s in SETTINGS)
+
+    # --- derived paths -------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.daemon.state_dir)
+
+    @property
+    def rules_dir(self) -> Path:
+        return Path(self.rules.dir) if self.rules.dir else PROJECT_RULES
+
+    @property
+    def site_rules_dir(self) -> Path | None:
+        if self.rules.site_dir:
+            return Path(self.rules.site_dir)
+        return self.path.parent if self.path is not None else None
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return Path(self.quarantine.dir) if self.quarantine.dir else self.state_dir / "quarantine"
+
+    @property
+    def control_socket(self) -> Path:
+        return Path(self.control.socket) if self.control.socket else self.state_dir / "control.sock"
+
+    @property
+    def hostname(self) -> str:
+        if self.daemon.hostname:
+            return self.daemon.hostname
+        import socket
+        return socket.getfqdn()
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "override") -> "Settings":
+        values, sources = dict(self._values), dict(self._sources)
+        for key, value in overrides.items():
+            setting = BY_KEY.get(key)
+            if setting is None:
+                raise ConfigError(source, key, "unknown setting")
+            try:
+                values[key] = coerce(setting, value)
+            except ValueError as exc:
+                raise ConfigError(source, key, str(exc)) from None
+            sources[key] = source
+        return Settings(values, sources, self.path)
+
+
+def load(path: Path | str | None = None, *, state_dir: str | None = None,
+         explicit: bool | None = None) -> Settings:
+    """Load settings from a TOML file layered over the defaults.
+
+    `path` None means FILTERD_CONFIG or the default path; the default path may be absent.
+    """
+    if explicit is None:
+        explicit = path is not None or "FILTERD_CONFIG" in os.environ
+    if path is None:
+        path = os.environ.get("FILTERD_CONFIG") or DEFAULT_CONFIG
+    path = Path(path)
+    values = {s.key: s.default for s in SETTINGS}
+    sources: dict[str, str] = {}
+    used_path: Path | None = None
+    if path.exists():
+        used_path = path
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), "(syntax)", str(exc)) from None
+        except OSError as exc:
+            raise ConfigError(str(path), "(file)", exc.strerror or str(exc)) from None
+        for section, table in data.items():
+            if section not in SECTIONS:
+                raise ConfigError(str(path), section,
+                                  f"unknown section (known: {', '.join(SECTIONS)})")
+            if not isinstance(table, dict):
+                raise ConfigError(str(path), section, "expected a [section] table")
+            for name, value in table.items():
+                key = f"{section}.{name}"
+                setting = BY_KEY.get(key)
+                if setting is None:
+                    raise ConfigError(str(path), key, "unknown setting")
+                try:
+                    values[key] = coerce(setting, value)
+                except ValueError as exc:
+                    raise ConfigError(str(path), key, str(exc)) from None
+                sources[key] = str(path)
+    elif explicit:
+        raise ConfigError(str(path), "(file)", "no such file")
+    env_state = os.environ.get("FILTERD_STATE_DIR")
+    if state_dir:
+        values["daemon.state_dir"], sources["daemon.state_dir"] = state_dir, "--state-dir"
+    elif env_state:
+        values["daemon.state_dir"], sources["daemon.state_dir"] = env_state, "FILTERD_STATE_DIR"
+    return Settings(values, sources, used_path)
+
+
+def defaults() -> Settings:
+    return Settings({s.key: s.default for s in SETTINGS}, {}, None)
+
+
+def render_toml(settings: Settings, *, non_default: bool = False, docs: bool = True) -> str:
+    """The settings as a TOML document, each key with its one-line doc."""
+    import json
+    lines: list[str] = []
+    current = None
+    for setting, value in settings.items():
+        if non_default and value == setting.default:
+            continue
+        if setting.section != current:
+            current = setting.section
+            lines.append(("\n" if lines else "") + f"[{current}]")
+        if docs:
+            lines.append(f"# {setting.doc}")
+        src = settings.source(setting.key)
+        suffix = f"  # from {src}" if src != "default" else ""
+        lines.append(f"{setting.name} = {json.dumps(value)}{suffix}")
+    return "\n".join(lines) + "\n"
+
+
+Validator = Callable[[Any], Any]

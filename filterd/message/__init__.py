@@ -1,0 +1,538 @@
+"""Parse a message once and give every check the same read-only, lazily decoded view.
+
+Trusts: nothing in the message. Every derived form is computed on first use and cached, and
+every decoding step falls back rather than raises: malformed MIME, 8-bit junk in headers,
+unknown charsets, broken base64 and nesting deep enough to exhaust the stdlib parser all give a
+view with `defects` recorded, never an exception (tests/unit/test_message.py replays all of
+../shared/corpora through parse()).
+
+Reads: `content_limit` (scan.content_size_limit): how many bytes of a large message the content
+checks see; the raw bytes stay whole for antivirus and quarantine.
+
+Uses the stdlib parser with the compat32 policy: it is about eight times faster than
+policy.default on these corpora, and the decoding done lazily here is all we need of the rest.
+"""
+
+from __future__ import annotations
+
+import codecs
+import email.header
+import email.parser
+import email.policy
+import email.utils
+import html
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from email.message import Message
+from functools import cached_property
+from typing import Iterable, Iterator, Sequence
+
+__all__ = ["Envelope", "Relay", "Part", "Received", "MessageView", "parse", "decode_header_value",
+           "html_to_text"]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What the MTA told us about the message, apart from its bytes."""
+
+    mail_from: str = ""
+    rcpt_tos: tuple[str, ...] = ()
+    client_ip: str | None = None        # connecting client (milter connect / XFORWARD ADDR)
+    client_helo: str | None = None
+    client_name: str | None = None      # reverse DNS name as the MTA saw it
+    queue_id: str | None = None
+    auth_user: str | None = None        # SASL login when the client authenticated
+    listener: str = "scan"              # "milter", "smtp" or "scan"
+    macros: tuple[tuple[str, str], ...] = ()  # milter macros (e.g. {daemon_name})
+
+    def macro(self, name: str) -> str | None:
+        for key, value in self.macros:
+            if key == name:
+                return value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    ip: str | None
+    helo: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One Received header, reduced to what checks use."""
+
+    raw: str
+    from_helo: str | None
+    from_name: str | None
+    from_ip: str | None
+    by: str | None
+
+
+_CHARSET_ALIASES = {"unknown-8bit": "latin-1", "x-unknown": "latin-1", "us-ascii": "ascii",
+                    "ks_c_5601-1987": "cp949", "gb2312": "gbk", "x-user-defined": "latin-1",
+                    "iso-8859-8-i": "iso-8859-8", "windows-874": "cp874"}
+
+
+def _codec(charset: str | None) -> str:
+    if not charset:
+        return "utf-8"
+    name = charset.strip().strip('"').lower()
+    name = _CHARSET_ALIASES.get(name, name)
+    try:
+        return codecs.lookup(name).name
+    except (LookupError, ValueError):
+        return "utf-8"
+
+
+def decode_bytes(data: bytes, charset: str | None) -> str:
+    """Bytes to text with the declared charset, falling back without ever raising."""
+    codec = _codec(charset)
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError:
+        if codec != "utf-8":
+            try:
+                return data.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        return data.decode(codec, errors="replace")
+    except Exception:  # codecs can raise oddities (e.g. on truncated ISO-2022 state)
+        return data.decode("latin-1")
+
+
+def _unsurrogate(value: str) -> str:
+    """compat32 keeps 8-bit header bytes as surrogate escapes: decode them as UTF-8 or Latin-1."""
+    try:
+        value.encode("ascii")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = value.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:  # already real text
+        return value
+    return decode_bytes(raw, "utf-8")
+
+
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
+_FOLD = re.compile(r"\r?\n[ \t]+")
+
+
+def decode_header_value(value: str) -> str:
+    """RFC 2047-decode one header value into text, unfolded; never raises."""
+    value = _FOLD.sub(" ", _unsurrogate(value)).replace("\r", "").replace("\n", "")
+    if "=?" not in value or not _ENCODED_WORD.search(value):
+        return value.strip()
+    try:
+        chunks = email.header.decode_header(value)
+    except Exception:
+        return value.strip()
+    out = []
+    for chunk, charset in chunks:
+        if isinstance(chunk, bytes):
+            out.append(decode_bytes(chunk, charset or "ascii"))
+        else:
+            out.append(chunk)
+    return "".join(out).strip()
+
+
+_SCRIPT_STYLE = re.compile(r"<(script|style|head)\b.*?</\1\s*>", re.S | re.I)
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_BLOCK_TAG = re.compile(r"<\s*/?\s*(br|p|div|tr|li|h[1-6]|table|td|th|blockquote)\b[^>]*>", re.I)
+_TAG = re.compile(r"<[^>]*>")
+_SPACES = re.compile(r"[ \t\r\f\v]+")
+_BLANK_LINES = re.compile(r"\n\s*\n+")
+
+
+def html_to_text(markup: str) -> str:
+    """The visible text of an HTML part, roughly as a mail client renders it."""
+    text = _COMMENT.sub(" ", markup)
+    text = _SCRIPT_STYLE.sub(" ", text)
+    text = _BLOCK_TAG.sub("\n", text)
+    text = _TAG.sub("", text)
+    text = html.unescape(text)
+    text = _SPACES.sub(" ", text)
+    return _BLANK_LINES.sub("\n", text).strip()
+
+
+_URL = re.compile(r"""(?:(?:https?|ftp)://|www\.)[^\s<>"'`{}|\\^\[\]]+""", re.I)
+_HREF = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]+)""", re.I)
+
+
+def _clean_url(url: str) -> str:
+    return url.rstrip(".,;:!?)]}'\"").replace("&amp;", "&")
+
+
+@dataclass(slots=True)
+class Part:
+    """One leaf MIME part."""
+
+    content_type: str
+    charset: str | None
+    filename: str | None
+    disposition: str | None
+    transfer_encoding: str | None
+    _msg: Message = field(repr=False)
+    _payload: bytes | None = field(default=None, repr=False)
+    _text: str | None = field(default=None, repr=False)
+    _sniffed: str | None = field(default=None, repr=False)
+    _sniffed_done: bool = field(default=False, repr=False)
+
+    @property
+    def is_text(self) -> bool:
+        return self.content_type.startswith("text/") and not self.is_attachment
+
+    @property
+    def is_attachment(self) -> bool:
+        return self.disposition == "attachment" or bool(self.filename)
+
+    @property
+    def payload(self) -> bytes:
+        """The part's bytes with the transfer encoding undone (lenient on broken base64)."""
+        if self._payload is None:
+            try:
+                data = self._msg.get_payload(decode=True)
+            except Exception:
+                data = None
+            if data is None:
+                raw = self._msg.get_payload()
+                data = raw.encode("ascii", "surrogateescape") if isinstance(raw, str) else b""
+            self._payload = data
+        return self._payload
+
+    @property
+    def text(self) -> str:
+        """The payload as text in its declared charset (for text/* parts)."""
+        if self._text is None:
+            self._text = decode_bytes(self.payload, self.charset)
+        return self._text
+
+    @property
+    def size(self) -> int:
+        return len(self.payload)
+
+    @property
+    def sniffed_type(self) -> str | None:
+        """MIME type guessed from the content's magic bytes, or None when unknown."""
+        if not self._sniffed_done:
+            self._sniffed_done = True
+            try:
+                import filetype
+                kind = filetype.guess(self.payload[:8192])
+                self._sniffed = kind.mime if kind else None
+            except Exception:
+                self._sniffed = None
+        return self._sniffed
+
+
+_RCVD_FROM = re.compile(r"^\s*from\s+(\S+)(?:\s+\(([^)]*)\))?", re.I)
+_RCVD_BY = re.compile(r"\bby\s+([^\s;()]+)", re.I)
+_IP_IN_BRACKETS = re.compile(r"\[(?:IPv6:)?([0-9a-fA-F:.]+)\]")
+
+
+def _parse_received(value: str) -> Received:
+    helo = name = ip = None
+    m = _RCVD_FROM.match(value)
+    if m:
+        helo = m.group(1).strip("[]")
+        comment = m.group(2) or ""
+        parts = comment.split()
+        if parts and not parts[0].startswith("["):
+            name = parts[0]
+        ipm = _IP_IN_BRACKETS.search(comment) or _IP_IN_BRACKETS.search(m.group(0))
+        if ipm:
+            ip = ipm.group(1)
+        elif helo and _is_ip(helo):
+            ip = helo
+    by = _RCVD_BY.search(value)
+    if ip is not None and not _is_ip(ip):
+        ip = None
+    return Received(raw=value, from_helo=helo, from_name=name, from_ip=ip,
+                    by=by.group(1) if by else None)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+_TRUSTED_DEFAULT = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+class MessageView:
+    """A parsed message. Construct it with `parse()`; checks only read it."""
+
+    def __init__(self, raw: bytes, envelope: Envelope, msg: Message | None, *,
+                 content_limit: int, truncated: bool, parse_error: str | None,
+                 trusted_networks: Sequence[ipaddress._BaseNetwork] = _TRUSTED_DEFAULT):
+        self.raw = raw
+        self.envelope = envelope
+        self._msg = msg
+        self.content_limit = content_limit
+        self.truncated = truncated
+        self.parse_error = parse_error
+        self.trusted_networks = tuple(trusted_networks)
+        self._decoded: dict[str, list[str]] = {}
+
+    # --- headers -------------------------------------------------------------------------
+    @cached_property
+    def raw_headers(self) -> list[tuple[str, str]]:
+        """(name, value) in message order, values as received (folded, undecoded)."""
+        if self._msg is not None:
+            return [(str(k), v if isinstance(v, str) else str(v)) for k, v in self._msg.raw_items()]
+        return _split_headers(self.raw)
+
+    @cached_property
+    def _header_index(self) -> dict[str, list[str]]:
+        index: dict[str, list[str]] = {}
+        for name, value in self.raw_headers:
+            index.setdefault(name.lower(), []).append(value)
+        return index
+
+    def has_header(self, name: str) -> bool:
+        return name.lower() in self._header_index
+
+    def header_raw(self, name: str) -> list[str]:
+        return self._header_index.get(name.lower(), [])
+
+    def header(self, name: str) -> list[str]:
+        """Every value of one header, RFC 2047-decoded and unfolded."""
+        key = name.lower()
+        cached = self._decoded.get(key)
+        if cached is None:
+            cached = [decode_header_value(v) for v in self._header_index.get(key, [])]
+            self._decoded[key] = cached
+        return cached
+
+    def first(self, name: str, default: str = "") -> str:
+        values = self.header(name)
+        return values[0] if values else default
+
+    @property
+    def subject(self) -> str:
+        return self.first("Subject")
+
+    @cached_property
+    def from_address(self) -> str:
+        """The address of the first From header, lower-cased, '' when absent or unparsable."""
+        try:
+            _, addr = email.utils.parseaddr(self.first("From"))
+        except Exception:
+            return ""
+        return addr.lower()
+
+    @cached_property
+    def from_domain(self) -> str:
+        return self.from_address.rpartition("@")[2] if "@" in self.from_address else ""
+
+    @cached_property
+    def message_id(self) -> str:
+        # Read as a plain string: the stdlib's structured Message-ID parser raises IndexError
+        # on values such as "<@>" (see ../shared/corpora/SANITY.md).
+        return self.first("Message-ID")
+
+    # --- body ----------------------------------------------------------------------------
+    @cached_property
+    def parts(self) -> list[Part]:
+        if self._msg is None:
+            return [self._fallback_part()]
+        out: list[Part] = []
+        try:
+            for sub in self._msg.walk():
+                if sub.is_multipart():
+                    continue
+                out.append(_make_part(sub))
+        except Exception:  # deep nesting can exhaust the generator stack in walk()
+            if not out:
+                out.append(self._fallback_part())
+        return out
+
+    def _fallback_part(self) -> Part:
+        head, sep, body = self.raw[: self.content_limit].partition(b"\n\n")
+        if not sep:
+            head, sep, body = self.raw[: self.content_limit].partition(b"\r\n\r\n")
+        m = Message()
+        m.set_payload(body.decode("ascii", "surrogateescape"))
+        return Part("text/plain", None, None, None, None, m)
+
+    @property
+    def text_parts(self) -> list[Part]:
+        return [p for p in self.parts if p.is_text]
+
+    @cached_property
+    def plain_texts(self) -> list[str]:
+        """Decoded text of every text part, HTML converted to its visible text."""
+        out = []
+        for p in self.text_parts:
+            if p.content_type == "text/html":
+                out.append(html_to_text(p.text))
+            else:
+                out.append(p.text)
+        return out
+
+    @cached_property
+    def html_parts(self) -> list[str]:
+        return [p.text for p in self.text_parts if p.content_type == "text/html"]
+
+    @cached_property
+    def body_text(self) -> str:
+        """Subject plus every decoded text part, as SpamAssassin's body rules see it."""
+        return "\n".join([self.subject, *self.plain_texts])
+
+    @cached_property
+    def urls(self) -> list[str]:
+        """Every URL in text and HTML parts (href/src targets included), de-duplicated in order."""
+        seen: dict[str, None] = {}
+        for p in self.text_parts:
+            text = p.text
+            if p.content_type == "text/html":
+                for m in _HREF.finditer(text):
+                    target = html.unescape(m.group(1))
+                    if re.match(r"(?:https?|ftp)://|www\.", target, re.I):
+                        seen.setdefault(_clean_url(target), None)
+            for m in _URL.finditer(text):
+                seen.setdefault(_clean_url(m.group(0)), None)
+        return list(seen)
+
+    @property
+    def attachments(self) -> list[Part]:
+        return [p for p in self.parts if p.is_attachment]
+
+    @cached_property
+    def defects(self) -> list[str]:
+        """Names of the MIME defects the parser found (e.g. 'StartBoundaryNotFoundDefect')."""
+        out: list[str] = []
+        if self.parse_error:
+            out.append(self.parse_error)
+        if self._msg is None:
+            return out
+        try:
+            for sub in self._msg.walk():
+                out.extend(type(d).__name__ for d in getattr(sub, "defects", ()))
+        except Exception:
+            out.append("NestingTooDeep")
+        if self.truncated:
+            # a truncated copy always lacks its closing boundaries; that is our doing
+            out = [d for d in out if d not in ("CloseBoundaryNotFoundDefect",
+                                               "StartBoundaryNotFoundDefect")]
+        return out
+
+    # --- transport -----------------------------------------------------------------------
+    @cached_property
+    def received(self) -> list[Received]:
+        """Received headers, newest (topmost) first."""
+        return [_parse_received(v) for v in self.header("Received")]
+
+    def is_trusted(self, ip: str | None) -> bool:
+        if not ip:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted_networks)
+
+    @cached_property
+    def last_external_relay(self) -> Relay:
+        """The client that handed the message to our trusted network.
+
+        The MTA's own knowledge (milter connect data, XFORWARD) wins; a replayed file falls back
+        to the first Received header whose sending IP is not trusted.
+        """
+        env = self.envelope
+        if env.client_ip and not self.is_trusted(env.client_ip):
+            return Relay(env.client_ip, env.client_helo, env.client_name)
+        for hop in self.received:
+            if hop.from_ip and not self.is_trusted(hop.from_ip):
+                return Relay(hop.from_ip, hop.from_helo, hop.from_name)
+        return Relay(env.client_ip, env.client_helo, env.client_name)
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    def __repr__(self) -> str:
+        return f"<MessageView {self.size} bytes, {len(self.raw_headers)} headers>"
+
+
+def _make_part(sub: Message) -> Part:
+    try:
+        ctype = sub.get_content_type()
+    except Exception:
+        ctype = "text/plain"
+    try:
+        charset = sub.get_param("charset")
+        if isinstance(charset, tuple):  # RFC 2231 form
+            charset = charset[2]
+        charset = str(charset) if charset else None
+    except Exception:
+        charset = None
+    try:
+        filename = sub.get_filename()
+        if filename is not None:
+            filename = decode_header_value(str(filename))
+    except Exception:
+        filename = None
+    try:
+        disposition = sub.get_content_disposition()
+    except Exception:
+        disposition = None
+    cte = sub.get("Content-Transfer-Encoding")
+    cte = str(cte).strip().lower() if cte is not None else None
+    return Part(ctype, charset, filename, disposition, cte, sub)
+
+
+_HEADER_LINE = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*)$")
+
+
+def _split_headers(raw: bytes) -> list[tuple[str, str]]:
+    """A minimal header splitter for when the parser itself failed."""
+    out: list[tuple[str, str]] = []
+    for line in raw.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t") and out:
+            name, value = out[-1]
+            out[-1] = (name, value + "\n" + line.decode("ascii", "surrogateescape"))
+            continue
+        m = _HEADER_LINE.match(line)
+        if m:
+            out.append((m.group(1).decode("ascii"), m.group(2).decode("ascii", "surrogateescape").lstrip()))
+    return out
+
+
+_PARSER = email.parser.BytesParser(policy=email.policy.compat32)
+DEFAULT_CONTENT_LIMIT = 1024 * 1024
+
+
+def parse(raw: bytes, envelope: Envelope | None = None, *,
+          content_limit: int = DEFAULT_CONTENT_LIMIT,
+          trusted_networks: Iterable[str | ipaddress._BaseNetwork] | None = None) -> MessageView:
+    """Parse raw message bytes once. Never raises on message content."""
+    envelope = envelope or Envelope()
+    nets = _TRUSTED_DEFAULT if trusted_networks is None else tuple(
+        n if isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network))
+        else ipaddress.ip_network(n, strict=False) for n in trusted_networks)
+    truncated = len(raw) > content_limit
+    data = raw[:content_limit] if truncated else raw
+    msg: Message | None
+    error = None
+    try:
+        msg = _PARSER.parsebytes(data)
+    except RecursionError:
+        msg, error = None, "NestingTooDeep"
+    except Exception as exc:  # the stdlib parser is lenient, but not on everything
+        msg, error = None, f"ParseError:{type(exc).__name__}"
+    return MessageView(raw, envelope, msg, content_limit=content_limit, truncated=truncated,
+                       parse_error=error, trusted_networks=nets)
+
+
+def iter_parts(view: MessageView) -> Iterator[Part]:
+    yield from view.parts

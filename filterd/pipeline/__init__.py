@@ -1,0 +1,204 @@
+"""The check registry and the scan: run every bound check over one MessageView.
+
+Trusts: the checks to return symbols; it does not trust them to finish or not to raise.
+Reads: scan.deadline (whole message), scan.check_timeout (default per check), the bindings of
+the rule set ([check.NAME] tables in rules/).
+Emits: CHECK_ERROR (a check raised; options: binding, error type), CHECK_TIMEOUT (a check
+overran its own timeout; options: binding). Both score 0 unless the scores table says
+otherwise: one broken check must not turn into a tempfail storm. A missed whole-message
+deadline is a *failure* ("deadline"), which the failures table maps to tempfail.
+
+Phases run in order; the checks inside one phase run concurrently (network checks overlap):
+  PRE       cheap checks that may force an action (allow/block lists, size, sanity)
+  MAIN      antivirus, DNS lists, authentication, pattern rules
+  CLASSIFY  learners that may read earlier symbols (Bayes)
+  COMPOSITE meta rules over all symbols so far
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import importlib
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+from filterd.message import MessageView
+from filterd.policy import Symbol
+
+log = logging.getLogger("filterd.pipeline")
+
+
+class Phase(enum.IntEnum):
+    PRE = 0
+    MAIN = 1
+    CLASSIFY = 2
+    COMPOSITE = 3
+
+
+CheckFunc = Callable[..., "Sequence[Symbol] | Awaitable[Sequence[Symbol]]"]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSpec:
+    name: str
+    func: CheckFunc
+    phase: Phase
+    network: bool
+    is_async: bool
+    symbols: tuple[str, ...]     # symbols it may emit (for docs and lint); () = declared in rules
+
+
+REGISTRY: dict[str, CheckSpec] = {}
+
+# Modules whose import registers checks. A module that is missing (an optional extra) is skipped.
+CHECK_MODULES = (
+    "filterd.checks.sanity",
+    "filterd.checks.gtube",
+)
+
+
+def check(name: str, *, phase: Phase = Phase.MAIN, network: bool = False,
+          symbols: Sequence[str] = ()) -> Callable[[CheckFunc], CheckFunc]:
+    """Register a check function: `fn(msg, ctx, **args) -> list[Symbol]` (sync or async)."""
+
+    def register(func: CheckFunc) -> CheckFunc:
+        if name in REGISTRY and REGISTRY[name].func is not func:
+            raise ValueError(f"check {name!r} registered twice")
+        REGISTRY[name] = CheckSpec(name, func, phase, network,
+                                   inspect.iscoroutinefunction(func), tuple(symbols))
+        return func
+
+    return register
+
+
+def load_checks() -> dict[str, CheckSpec]:
+    for module in CHECK_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                continue
+            raise
+    return REGISTRY
+
+
+def validate_bindings(ruleset: Any) -> None:
+    """Every [check.X] names a registered function and passes arguments it accepts."""
+    from filterd.ruleset import RulesetError
+    registry = load_checks()
+    for binding in ruleset.bindings:
+        spec = registry.get(binding.function)
+        if spec is None:
+            raise RulesetError(binding.source, f"check.{binding.name}.function",
+                               f"no registered check {binding.function!r} (known: "
+                               f"{', '.join(sorted(registry))})")
+        params = inspect.signature(spec.func).parameters
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        for arg in binding.args:
+            if not accepts_any and arg not in params:
+                raise RulesetError(binding.source, f"check.{binding.name}.args.{arg}",
+                                   f"check {binding.function!r} takes no argument {arg!r}")
+        required = [n for n, p in list(params.items())[2:]
+                    if p.default is p.empty and p.kind is p.KEYWORD_ONLY]
+        for arg in required:
+            if arg not in binding.args:
+                raise RulesetError(binding.source, f"check.{binding.name}.args",
+                                   f"check {binding.function!r} needs argument {arg!r}")
+
+
+@dataclass
+class ScanContext:
+    """Everything a check may use besides the message: I/O clients, stores, settings, clock.
+
+    Checks take I/O from here, never from module globals, so a test hands in a loopback server.
+    """
+
+    settings: Any
+    ruleset: Any
+    deadline: float = 0.0                       # loop.time() by which the scan must end
+    dns: Any = None                             # async resolver (filterd.dns)
+    clamd: Any = None                           # clamd client (filterd.checks.antivirus)
+    stores: Any = None                          # Bayes etc. (filterd.stores)
+    services: dict[str, Any] = field(default_factory=dict)  # other shared clients by name
+    symbols: list[Symbol] = field(default_factory=list)     # symbols of earlier phases
+    notes: dict[str, Any] = field(default_factory=dict)     # per-message scratch for checks
+
+    def remaining(self) -> float:
+        return self.deadline - asyncio.get_running_loop().time()
+
+    def has_symbol(self, name: str) -> bool:
+        return any(s.name == name for s in self.symbols)
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    symbols: tuple[Symbol, ...]
+    timings: dict[str, float]                   # phase name -> seconds
+    failure: str | None = None                  # "deadline", "internal_error" or None
+
+
+async def _run_one(binding: Any, spec: CheckSpec, view: MessageView, ctx: ScanContext,
+                   default_timeout: float) -> list[Symbol]:
+    timeout = min(binding.timeout or default_timeout, max(ctx.remaining(), 0.0))
+    try:
+        if spec.is_async:
+            result = await asyncio.wait_for(spec.func(view, ctx, **binding.args), timeout)
+        else:
+            result = spec.func(view, ctx, **binding.args)
+        return list(result or ())
+    except asyncio.TimeoutError:
+        log.warning("check %s timed out after %.2fs", binding.name, timeout)
+        return [Symbol("CHECK_TIMEOUT", (binding.name,))]
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.warning("check %s failed: %s: %s", binding.name, type(exc).__name__, exc)
+        return [Symbol("CHECK_ERROR", (binding.name, type(exc).__name__))]
+
+
+def plan(ruleset: Any, *, skip_network: bool = False) -> list[tuple[Phase, list[tuple[Any, CheckSpec]]]]:
+    """The bound checks grouped by phase, in phase order."""
+    registry = load_checks()
+    by_phase: dict[Phase, list[tuple[Any, CheckSpec]]] = {}
+    for binding in ruleset.bindings:
+        spec = registry[binding.function]
+        if not binding.enabled or (skip_network and spec.network):
+            continue
+        by_phase.setdefault(spec.phase, []).append((binding, spec))
+    return sorted(by_phase.items())
+
+
+async def scan(view: MessageView, ctx: ScanContext, *, skip_network: bool = False) -> ScanResult:
+    """Run every bound check over the message within ctx.deadline."""
+    loop = asyncio.get_running_loop()
+    settings = ctx.settings
+    if not ctx.deadline:
+        ctx.deadline = loop.time() + settings.scan.deadline
+    default_timeout = settings.scan.check_timeout
+    timings: dict[str, float] = {}
+    for phase, checks in plan(ctx.ruleset, skip_network=skip_network):
+        started = time.perf_counter()
+        if ctx.remaining() <= 0:
+            return ScanResult(tuple(ctx.symbols), timings, failure="deadline")
+        try:
+            if len(checks) == 1 or not any(spec.is_async for _, spec in checks):
+                for binding, spec in checks:
+                    ctx.symbols.extend(await _run_one(binding, spec, view, ctx, default_timeout))
+            else:
+                batches = await asyncio.wait_for(
+                    asyncio.gather(*(_run_one(b, s, view, ctx, default_timeout)
+                                     for b, s in checks)),
+                    max(ctx.remaining(), 0.0))
+                for batch in batches:
+                    ctx.symbols.extend(batch)
+        except asyncio.TimeoutError:
+            timings[phase.name.lower()] = time.perf_counter() - started
+            return ScanResult(tuple(ctx.symbols), timings, failure="deadline")
+        timings[phase.name.lower()] = time.perf_counter() - started
+        if ctx.remaining() <= 0:
+            return ScanResult(tuple(ctx.symbols), timings, failure="deadline")
+    return ScanResult(tuple(ctx.symbols), timings)

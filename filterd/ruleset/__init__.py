@@ -1,0 +1,231 @@
+"""Load the policy data in rules/: check bindings, symbol descriptions, scores, levels, actions.
+
+Trusts: the shipped rule directory (never edited) and a site directory layered on top:
+  <site>/local.d/*.toml     merged into the shipped tables key by key
+  <site>/override.d/*.toml  replace whole entries (a whole [check.X] or [rule.X], one score)
+Every value remembers the file it came from, for `filterd rules show NAME`.
+
+Top-level tables a rule file may hold (anything else is an error naming the file):
+  [check.NAME]    binds a registered check function with arguments (filterd.pipeline)
+  [symbol.NAME]   describes a symbol a check emits (description is required)
+  [rule.NAME]     a pattern rule (header/body/uri/meta...: filterd.ruleset.engine)
+  [scores]        SYMBOL = weight; the only place numbers for symbols live
+  [levels]        tag_level, tag2_level, kill_level, reject_level
+  [actions]       kill_action, subject_tag
+  [forced]        SYMBOL = action, whatever the score
+  [failures]      failure or failure symbol = action (tempfail, accept, ...)
+  [meta]          free-form information about the file (ignored)
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from filterd.policy import Action, Levels, Policy
+
+TABLES = ("check", "symbol", "rule", "scores", "levels", "actions", "forced", "failures", "meta")
+# Tables whose entries are whole definitions (override.d replaces them whole).
+ENTRY_TABLES = ("check", "symbol", "rule")
+# Tables of plain key = value pairs.
+VALUE_TABLES = ("scores", "levels", "actions", "forced", "failures")
+
+
+class RulesetError(Exception):
+    def __init__(self, source: str, key: str, problem: str):
+        self.source, self.key, self.problem = source, key, problem
+        super().__init__(f"{source}: {key}: {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """One [check.NAME] entry: run `function` with `args`; `phase`/`timeout` may override."""
+
+    name: str
+    function: str
+    args: Mapping[str, Any]
+    timeout: float | None
+    enabled: bool
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class SymbolDef:
+    name: str
+    description: str
+    source: str
+
+
+@dataclass
+class Ruleset:
+    bindings: list[Binding]
+    symbols: dict[str, SymbolDef]
+    rules: dict[str, dict[str, Any]]          # raw [rule.NAME] tables, compiled by the engine
+    scores: dict[str, float]
+    policy: Policy
+    sources: dict[str, str] = field(default_factory=dict)  # "table.key" -> file
+    files: list[str] = field(default_factory=list)
+    engine: Any = None                         # compiled pattern rules, set by the engine
+
+    def describe(self, name: str) -> str:
+        if name in self.symbols:
+            return self.symbols[name].description
+        rule = self.rules.get(name)
+        if rule is not None:
+            return str(rule.get("description", ""))
+        return ""
+
+    def source_of(self, table: str, key: str) -> str | None:
+        return self.sources.get(f"{table}.{key}")
+
+
+# Symbols the pipeline itself emits; declared here so every symbol has a description.
+BUILTIN_SYMBOLS = {
+    "CHECK_ERROR": "A check raised an error; the scan went on without it (options: check, error)",
+    "CHECK_TIMEOUT": "A check did not finish within its timeout (options: check)",
+}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise RulesetError(str(path), "(syntax)", str(exc)) from None
+    except OSError as exc:
+        raise RulesetError(str(path), "(file)", exc.strerror or str(exc)) from None
+    for table, value in data.items():
+        if table not in TABLES:
+            raise RulesetError(str(path), table,
+                               f"unknown table (known: {', '.join(TABLES)})")
+        if not isinstance(value, dict):
+            raise RulesetError(str(path), table, "expected a table")
+    return data
+
+
+def _rule_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("*.toml") if p.is_file()) if directory.is_dir() else []
+
+
+def load_raw(shipped: Path, site: Path | None = None) -> tuple[dict[str, dict[str, Any]],
+                                                              dict[str, str], list[str]]:
+    """Merge shipped files, then local.d (merge), then override.d (replace)."""
+    merged: dict[str, dict[str, Any]] = {t: {} for t in TABLES}
+    sources: dict[str, str] = {}
+    files: list[str] = []
+    layers: list[tuple[str, list[Path]]] = [("shipped", _rule_files(shipped))]
+    if site is not None:
+        layers.append(("local", _rule_files(site / "local.d")))
+        layers.append(("override", _rule_files(site / "override.d")))
+    if not layers[0][1]:
+        raise RulesetError(str(shipped), "(dir)", "no rule files (*.toml) found")
+    for layer, paths in layers:
+        for path in paths:
+            files.append(str(path))
+            data = _read(path)
+            for table, entries in data.items():
+                if table == "meta":
+                    continue
+                target = merged[table]
+                for key, value in entries.items():
+                    where = f"{table}.{key}"
+                    if table in ENTRY_TABLES:
+                        if not isinstance(value, dict):
+                            raise RulesetError(str(path), where, "expected a table")
+                        if layer == "shipped" and key in target:
+                            raise RulesetError(str(path), where,
+                                               f"defined again (first in {sources[where]})")
+                        if layer == "local" and key in target:
+                            target[key] = {**target[key], **value}
+                        else:
+                            target[key] = dict(value)
+                        for field_name in value:
+                            sources[f"{where}.{field_name}"] = str(path)
+                    else:
+                        target[key] = value
+                    sources[where] = str(path)
+    return merged, sources, files
+
+
+def _action(source: str, key: str, value: Any) -> Action:
+    try:
+        return Action(value)
+    except ValueError:
+        raise RulesetError(source, key, f"unknown action {value!r} (known: "
+                           f"{', '.join(a.value for a in Action)})") from None
+
+
+def build(merged: dict[str, dict[str, Any]], sources: dict[str, str], files: list[str]) -> Ruleset:
+    def src(where: str) -> str:
+        return sources.get(where, "(rules)")
+
+    bindings = []
+    for name, entry in merged["check"].items():
+        where = f"check.{name}"
+        function = entry.get("function", name)
+        if not isinstance(function, str):
+            raise RulesetError(src(where), where, "function must be a string")
+        args = entry.get("args", {})
+        if not isinstance(args, dict):
+            raise RulesetError(src(where), f"{where}.args", "expected a table of arguments")
+        timeout = entry.get("timeout")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise RulesetError(src(where), f"{where}.timeout", "expected a positive number")
+        unknown = set(entry) - {"function", "args", "timeout", "enabled", "description"}
+        if unknown:
+            raise RulesetError(src(where), where, f"unknown field(s) {', '.join(sorted(unknown))}")
+        bindings.append(Binding(name, function, args, float(timeout) if timeout else None,
+                                bool(entry.get("enabled", True)), src(where)))
+
+    symbols = {n: SymbolDef(n, d, "(builtin)") for n, d in BUILTIN_SYMBOLS.items()}
+    for name, entry in merged["symbol"].items():
+        where = f"symbol.{name}"
+        desc = entry.get("description")
+        if not isinstance(desc, str) or not desc.strip():
+            raise RulesetError(src(where), where, "a symbol needs a description")
+        symbols[name] = SymbolDef(name, desc, src(where))
+
+    scores: dict[str, float] = {}
+    for name, value in merged["scores"].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RulesetError(src(f"scores.{name}"), f"scores.{name}", "expected a number")
+        scores[name] = float(value)
+
+    level_values = {}
+    for key, value in merged["levels"].items():
+        if key not in Levels.__dataclass_fields__:
+            raise RulesetError(src(f"levels.{key}"), f"levels.{key}", "unknown level")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RulesetError(src(f"levels.{key}"), f"levels.{key}", "expected a number")
+        level_values[key] = float(value)
+    levels = Levels(**level_values)
+
+    actions = merged["actions"]
+    unknown = set(actions) - {"kill_action", "subject_tag", "spam_checks_for_originating"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise RulesetError(src(f"actions.{key}"), f"actions.{key}", "unknown setting")
+    kill_action = _action(src("actions.kill_action"), "actions.kill_action",
+                          actions.get("kill_action", "quarantine"))
+    subject_tag = actions.get("subject_tag", "***SPAM*** ")
+    if not isinstance(subject_tag, str):
+        raise RulesetError(src("actions.subject_tag"), "actions.subject_tag", "expected a string")
+    forced = {k: _action(src(f"forced.{k}"), f"forced.{k}", v) for k, v in merged["forced"].items()}
+    failures = {k: _action(src(f"failures.{k}"), f"failures.{k}", v)
+                for k, v in merged["failures"].items()}
+    policy = Policy(levels=levels, kill_action=kill_action, subject_tag=subject_tag,
+                    forced=forced, failures=failures,
+                    spam_checks_for_originating=bool(actions.get("spam_checks_for_originating",
+                                                                 False)))
+    return Ruleset(bindings=bindings, symbols=symbols, rules=dict(merged["rule"]), scores=scores,
+                   policy=policy, sources=sources, files=files)
+
+
+def load(shipped: Path, site: Path | None = None) -> Ruleset:
+    """Load, validate and compile the rule set; raises RulesetError naming file and key."""
+    merged, sources, files = load_raw(shipped, site)
+    ruleset = build(merged, sources, files)
+    from filterd.pipeline import validate_bindings  # the registry knows the check functions
+    validate_bindings(ruleset)
+    return ruleset
