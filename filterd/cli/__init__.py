@@ -1,0 +1,1 @@
+"""The `filterd` command line: one console script, one module per subcommand family."""

@@ -1,0 +1,60 @@
+"""The control socket: how `filterd reload|status` reach the running daemon.
+
+A unix socket (mode 0600) under the state directory; one JSON request line, one JSON reply
+line. Commands: status, reload. Only the daemon's user and root can connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
+    path.unlink(missing_ok=True)
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            try:
+                request = json.loads(line or b"{}")
+                reply = await handler(request)
+            except Exception as exc:  # a bad request must not hurt the daemon
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    old_umask = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(on_client, path=str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return server
+
+
+def request(path: Path, command: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+    """Send one command to the daemon; raises OSError when it is not running."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"command": command, **args}).encode() + b"\n")
+        data = b""
+        deadline = time.monotonic() + timeout
+        while not data.endswith(b"\n") and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data or b"{}")

@@ -1,0 +1,208 @@
+"""Milter front end (Postfix smtpd_milters / non_smtpd_milters), the only importer of pymilter.
+
+Trusts: the MTA (connect data, macros). libmilter runs each SMTP connection in its own
+thread; each callback here is cheap except end-of-message, which hands the buffered message to
+the Scanner on the daemon's event loop and waits for the result with a deadline.
+Reads: milter.listen, milter.timeout, milter.quarantine_reply, scan.deadline.
+
+Outcomes: headers and subject are edited at end of message; REJECT answers
+550 5.7.1 <reason>; TEMPFAIL answers 451 4.7.1; quarantine stores durably, then DISCARDs.
+Any internal error or a missed deadline is a TEMPFAIL: never an accept of unscanned mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import Milter
+
+from filterd.actions.headers import HeaderEdits, fold
+from filterd.message import Envelope
+from filterd.policy import Action
+
+log = logging.getLogger("filterd.milter")
+
+# Actions we may take; negotiated with the MTA (ask only for what we use).
+FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.DELRCPT
+
+_scanner: Any = None
+_loop: asyncio.AbstractEventLoop | None = None
+_GRACE = 5.0  # seconds beyond the scan deadline before eom gives up and tempfails
+
+
+def _escape_reply(text: str) -> str:
+    # libmilter drops a reply containing a single '%'; keep replies printable ASCII
+    clean = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
+    return clean.replace("%", "%%")[:400]
+
+
+def _milter_value(name: str, value: str) -> str:
+    """A header value folded for the milter protocol (continuations as \\n\\t)."""
+    try:
+        value.encode("ascii")
+    except UnicodeEncodeError:
+        from email.header import Header
+        value = Header(value, "utf-8").encode()
+    folded = fold(name, value, b"\n").decode("ascii", "replace").rstrip("\n")
+    return folded[len(name) + 2:]
+
+
+class FilterMilter(Milter.Base):
+    def __init__(self) -> None:
+        self.id = Milter.uniqueID()
+        self.client_ip: str | None = None
+        self.client_name: str | None = None
+        self.helo: str | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.mail_from = ""
+        self.rcpts: list[str] = []
+        self.headers: list[bytes] = []
+        self.chunks: list[bytes] = []
+        self.auth: str | None = None
+
+    @Milter.noreply
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        self.client_name = hostname if hostname and not hostname.startswith("[") else None
+        self.client_ip = hostaddr[0] if isinstance(hostaddr, tuple) and hostaddr else None
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def hello(self, hostname: str) -> int:
+        self.helo = hostname
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envfrom(self, mailfrom: str, *params: str) -> int:
+        self._reset()
+        self.mail_from = mailfrom.strip().strip("<>")
+        self.auth = self.getsymval("{auth_authen}") or None
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envrcpt(self, to: str, *params: str) -> int:
+        self.rcpts.append(to.strip().strip("<>"))
+        return Milter.CONTINUE
+
+    def header_bytes(self, name: bytes | str, value: bytes) -> int:
+        # raw bytes: 8-bit junk in headers stays exactly as sent
+        if isinstance(name, str):
+            name = name.encode("ascii", "surrogateescape")
+        value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        self.headers.append(name + b": " + value + b"\r\n")
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def eoh(self) -> int:
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def body(self, chunk: bytes) -> int:
+        self.chunks.append(chunk)
+        return Milter.CONTINUE
+
+    def _envelope(self) -> Envelope:
+        macros = []
+        for name in ("{daemon_name}", "{auth_type}", "{auth_authen}", "j", "i", "{client_addr}"):
+            try:
+                value = self.getsymval(name)
+            except Exception:
+                value = None
+            if value:
+                macros.append((name, value))
+        return Envelope(mail_from=self.mail_from, rcpt_tos=tuple(self.rcpts),
+                        client_ip=self.client_ip, client_helo=self.helo,
+                        client_name=self.client_name, queue_id=self.getsymval("i") or None,
+                        auth_user=self.auth, listener="milter", macros=tuple(macros))
+
+    def eom(self) -> int:
+        try:
+            return self._eom()
+        except Exception:
+            log.exception("internal error at end of message; tempfailing")
+            self.setreply("451", "4.7.1", "Internal error, try again later")
+            return Milter.TEMPFAIL
+        finally:
+            self._reset()
+
+    def _eom(self) -> int:
+        raw = b"".join(self.headers) + b"\r\n" + b"".join(self.chunks)
+        envelope = self._envelope()
+        scanner, loop = _scanner, _loop
+        if scanner is None or loop is None:
+            raise RuntimeError("milter started without a scanner")
+        future = asyncio.run_coroutine_threadsafe(_scan_and_dispose(scanner, raw, envelope), loop)
+        try:
+            outcome, disposition = future.result(timeout=scanner.settings.scan.deadline + _GRACE)
+        except Exception as exc:
+            future.cancel()
+            log.error("scan of %s did not finish: %s", envelope.queue_id or "message",
+                      type(exc).__name__)
+            self.setreply("451", "4.7.1", "Scan did not finish, try again later")
+            return Milter.TEMPFAIL
+        action = disposition.action
+        if action is Action.REJECT:
+            self.setreply("550", disposition.status, _escape_reply(disposition.text))
+            return Milter.REJECT
+        if action is Action.TEMPFAIL:
+            self.setreply("451", "4.7.1", _escape_reply(disposition.text))
+            return Milter.TEMPFAIL
+        if action is Action.DISCARD:
+            return Milter.DISCARD
+        if disposition.edits is not None:
+            self._apply(disposition.edits)
+        return Milter.ACCEPT
+
+    def _apply(self, edits: HeaderEdits) -> None:
+        # remove from the highest index down, so earlier indices stay valid
+        for name, index in sorted(edits.remove, key=lambda r: (r[0].lower(), -r[1])):
+            self.chgheader(name, index, "")
+        for name, value in edits.add:
+            self.addheader(name, _milter_value(name, value))
+        if edits.subject is not None:
+            value = _milter_value("Subject", edits.subject)
+            if edits.had_subject:
+                self.chgheader("Subject", 1, value)
+            else:
+                self.addheader("Subject", value)
+
+
+async def _scan_and_dispose(scanner: Any, raw: bytes, envelope: Envelope) -> tuple[Any, Any]:
+    outcome = await scanner.scan(raw, envelope)
+    disposition = await scanner.dispose(outcome, "milter")
+    scanner.log_message(outcome, disposition, "milter")
+    return outcome, disposition
+
+
+def run(scanner: Any, loop: asyncio.AbstractEventLoop) -> threading.Thread:
+    """Start libmilter in a thread of its own; the caller's thread keeps the event loop."""
+    global _scanner, _loop
+    _scanner, _loop = scanner, loop
+    settings = scanner.settings
+    Milter.factory = FilterMilter
+    Milter.set_flags(FLAGS)
+
+    def serve() -> None:
+        try:
+            Milter.runmilter("filterd", settings.milter.listen, timeout=settings.milter.timeout)
+        except Exception:
+            log.exception("milter stopped with an error")
+        finally:
+            log.info("milter stopped")
+
+    thread = threading.Thread(target=serve, name="milter", daemon=True)
+    thread.start()
+    log.info("milter listening on %s", settings.milter.listen)
+    return thread
+
+
+def stop() -> None:
+    try:
+        import milter
+        milter.stop()
+    except Exception:
+        pass

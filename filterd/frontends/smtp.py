@@ -1,0 +1,155 @@
+"""After-queue content filter: receive by SMTP from Postfix, scan, reinject by SMTP.
+
+Trusts: XFORWARD only from smtp.xforward_peers (others get 550 5.7.0 for the command).
+Reads: smtp.listen, smtp.xforward_peers, smtp.reinject, smtp.reinject_timeout,
+smtp.max_message_size, smtp.reject_action (via the Scanner).
+
+Replies: 250 only after the message was reinjected and every recipient accepted, or was
+durably quarantined, or discarded by policy; 451 when scanning, quarantining or reinjection
+failed (Postfix keeps the message queued); 550 only for a deliberate reject when
+smtp.reject_action = "reject".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session, syntax
+
+from filterd.actions.headers import apply_to_bytes
+from filterd.frontends.reinject import ReinjectError, Target, send_async
+from filterd.message import Envelope
+from filterd.policy import Action
+
+log = logging.getLogger("filterd.smtp")
+XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+
+
+def _xf_value(value: str) -> str | None:
+    if value.upper() in ("[UNAVAILABLE]", "[TEMPUNAVAIL]", ""):
+        return None
+    if value.upper().startswith("IPV6:"):
+        return value[5:]
+    return value
+
+
+class FilterSMTP(SMTP):
+    """aiosmtpd's server with Postfix's XFORWARD extension."""
+
+    def __init__(self, handler: "FilterHandler", **kwargs: Any):
+        super().__init__(handler, **kwargs)
+        self.filter_handler = handler
+
+    @syntax("XFORWARD attribute=value ...")
+    async def smtp_XFORWARD(self, arg: str) -> None:
+        if not self.session.host_name:
+            await self.push("503 5.5.1 Error: send HELO/EHLO first")
+            return
+        if not self.filter_handler.xforward_allowed(self.session.peer):
+            await self.push("550 5.7.0 Error: insufficient authorization")
+            return
+        if not arg:
+            await self.push("501 5.5.4 Syntax: XFORWARD attribute=value...")
+            return
+        attrs = getattr(self.session, "xforward", None) or {}
+        for item in arg.split():
+            key, sep, value = item.partition("=")
+            if not sep or key.upper() not in XFORWARD_ATTRS:
+                await self.push(f"501 5.5.4 Bad XFORWARD attribute: {key}")
+                return
+            attrs[key.upper()] = _xf_value(value)
+        self.session.xforward = attrs  # type: ignore[attr-defined]
+        await self.push("250 2.0.0 Ok")
+
+
+class FilterHandler:
+    def __init__(self, scanner: Any):
+        self.scanner = scanner
+        settings = scanner.settings
+        self.peers = [ipaddress.ip_network(n, strict=False) for n in settings.smtp.xforward_peers]
+        self.target = Target.parse(settings.smtp.reinject)
+        self.timeout = settings.smtp.reinject_timeout
+        self.hostname = settings.hostname
+
+    def xforward_allowed(self, peer: Any) -> bool:
+        try:
+            addr = ipaddress.ip_address(peer[0])
+        except (ValueError, TypeError, IndexError):
+            return False
+        return any(addr in net for net in self.peers)
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: SmtpEnvelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.xforward_allowed(session.peer):
+            last = responses.pop()
+            responses.append("250-XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE")
+            responses.append(last)
+        return responses
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        session.xforward = {}  # type: ignore[attr-defined]
+        return "250 OK"
+
+    def _envelope(self, session: Session, envelope: SmtpEnvelope,
+                  xf: dict[str, str | None]) -> Envelope:
+        peer_ip = session.peer[0] if isinstance(session.peer, tuple) else None
+        return Envelope(
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            client_ip=xf.get("ADDR") or peer_ip,
+            client_helo=xf.get("HELO") if "HELO" in xf else session.host_name,
+            client_name=xf.get("NAME"),
+            queue_id=xf.get("IDENT"),
+            listener="smtp",
+        )
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        xf = dict(getattr(session, "xforward", None) or {})
+        session.xforward = {}  # type: ignore[attr-defined]  # XFORWARD lasts one transaction
+        try:
+            raw = envelope.original_content or envelope.content or b""
+            if isinstance(raw, str):
+                raw = raw.encode("utf-8", "surrogateescape")
+            env = self._envelope(session, envelope, xf)
+            outcome = await self.scanner.scan(raw, env)
+            disposition = await self.scanner.dispose(outcome, "smtp")
+            if disposition.action is Action.ACCEPT:
+                data = apply_to_bytes(raw, disposition.edits) if disposition.edits else raw
+                try:
+                    await send_async(self.target, env.mail_from, env.rcpt_tos, data,
+                                     timeout=self.timeout, helo=self.hostname,
+                                     xforward={"ADDR": env.client_ip, "HELO": env.client_helo,
+                                               "NAME": env.client_name, "IDENT": env.queue_id})
+                except ReinjectError as exc:
+                    log.error("reinjection of %s failed: %s", env.queue_id or "message", exc)
+                    disposition.action, disposition.code = Action.TEMPFAIL, 451
+                    disposition.status, disposition.text = "4.3.0", f"Reinjection failed: {exc}"
+                else:
+                    disposition.text = "Ok: filtered and passed on"
+            self.scanner.log_message(outcome, disposition, "smtp")
+            return disposition.reply
+        except Exception:
+            log.exception("internal error in the SMTP front end")
+            return "451 4.3.0 Internal error, try again later"
+
+
+async def start_server(scanner: Any) -> asyncio.AbstractServer:
+    settings = scanner.settings
+    host, _, port = settings.smtp.listen.rpartition(":")
+    handler = FilterHandler(scanner)
+    loop = asyncio.get_running_loop()
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+
+    def factory() -> FilterSMTP:
+        return FilterSMTP(handler, decode_data=False, enable_SMTPUTF8=True,
+                          data_size_limit=settings.smtp.max_message_size,
+                          hostname=settings.hostname, ident="filterd", timeout=300)
+
+    server = await loop.create_server(factory, host=host.strip("[]"), port=int(port))
+    log.info("after-queue filter listening on %s, reinjecting to %s", settings.smtp.listen,
+             settings.smtp.reinject)
+    return server
