@@ -65,7 +65,7 @@ SETTINGS: tuple[Setting, ...] = (
             "apply).", minimum=1),
     Setting("log.format", "choice", "kv", "One line per message as key=value or JSON.",
             choices=("kv", "json")),
-    Setting("log.level", "choice", "info", "Log level.",
+    Setting("log.level", "choice", "info", "Least severe level logged (debug shows every check).",
             choices=("debug", "info", "warning", "error")),
     Setting("log.target", "choice", "stderr",
             "Where logs go: stderr (journald picks it up under systemd) or syslog.",
@@ -137,6 +137,48 @@ SETTINGS: tuple[Setting, ...] = (
     # --- control socket ------------------------------------------------------------------
     Setting("control.socket", "str", "",
             "Unix socket (0600) for `filterd reload|status`; '' means <state_dir>/control.sock."),
+    # --- DNS resolver (filterd.dns) ------------------------------------------------------
+    Setting("dns.nameservers", "list", ["127.0.0.1"],
+            "IP addresses of the recursive resolver(s) all DNS checks ask (/etc/resolv.conf is "
+            "never read); use a local unbound, not a public resolver: DNS lists block those."),
+    Setting("dns.port", "int", 53, "UDP/TCP port of dns.nameservers.", minimum=1),
+    Setting("dns.timeout", "float", 2.0,
+            "Seconds one query may take (also bounded by what is left of scan.deadline); a "
+            "timeout adds DNS_TIMEOUT (score 0), never a spam score.", minimum=0.05),
+    Setting("dns.cache_size", "int", 20000,
+            "Answers kept in the in-process TTL cache (LRU); 0 disables it.", minimum=0),
+    Setting("dns.min_ttl", "int", 0, "Shortest time a positive answer is cached, in seconds.",
+            minimum=0),
+    Setting("dns.max_ttl", "int", 86400, "Longest time any answer is cached, in seconds.",
+            minimum=0),
+    Setting("dns.negative_ttl", "int", 300,
+            "Longest time an NXDOMAIN/empty answer is cached (RFC 2308 SOA minimum, capped).",
+            minimum=0),
+    Setting("dns.max_lookups_per_message", "int", 100,
+            "Network queries one message may cause across all DNS checks; past it queries are "
+            "skipped and DNS_LOOKUP_LIMIT (score 0) is added.", minimum=1),
+    # --- sender authentication and DKIM signing (filterd.checks.auth, actions.dkim_sign) --
+    Setting("dkim.authserv_id", "str", "",
+            "authserv-id of our Authentication-Results header (RFC 8601); '' means "
+            "daemon.hostname. Incoming Authentication-Results with this id are removed."),
+    Setting("dkim.verify_min_key_bits", "int", 1024,
+            "RSA keys shorter than this make a DKIM signature fail verification.", minimum=512),
+    Setting("dkim.sign", "bool", True,
+            "DKIM-sign originating mail (scan.mynetworks or SMTP AUTH) whose From domain has a "
+            "key in dkim.keys_dir."),
+    Setting("dkim.keys_dir", "str", "",
+            "Signing keys as <dir>/<domain>/<selector>.key (written by `filterd dkim genkey`); "
+            "'' means <state_dir>/dkim."),
+    Setting("dkim.selectors", "list", [],
+            "domain=selector pairs choosing the key per signing domain; a domain not listed "
+            "uses its only key file (several without an entry: not signed, logged)."),
+    Setting("dkim.sign_headers", "list",
+            ["From", "Sender", "Reply-To", "Subject", "Date", "Message-ID", "To", "Cc",
+             "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "In-Reply-To",
+             "References", "List-Id", "List-Unsubscribe"],
+            "Headers signed when present; From is always signed."),
+    Setting("dkim.oversign_headers", "list", ["From", "Subject", "Date", "To", "Cc"],
+            "Headers also signed once more than present, so none can be added after signing."),
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}

@@ -93,12 +93,14 @@ def decode_bytes(data: bytes, charset: str | None) -> str:
     try:
         return data.decode(codec)
     except UnicodeDecodeError:
-        if codec != "utf-8":
-            try:
-                return data.decode("utf-8")
-            except UnicodeDecodeError:
-                pass
-        return data.decode(codec, errors="replace")
+        # mislabelled text is usually UTF-8 or Windows-1252; Latin-1 always decodes
+        for fallback in ("utf-8", "cp1252"):
+            if fallback != codec:
+                try:
+                    return data.decode(fallback)
+                except UnicodeDecodeError:
+                    pass
+        return data.decode("latin-1")
     except Exception:  # codecs can raise oddities (e.g. on truncated ISO-2022 state)
         return data.decode("latin-1")
 
@@ -412,6 +414,10 @@ class MessageView:
             out.append(self.parse_error)
         if self._msg is None:
             return out
+        for part in self.parts:
+            # compat32 records base64 defects only when the payload is decoded
+            if part.transfer_encoding == "base64":
+                part.payload
         try:
             for sub in self._msg.walk():
                 out.extend(type(d).__name__ for d in getattr(sub, "defects", ()))

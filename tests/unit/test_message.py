@@ -1,0 +1,179 @@
+"""parse() and MessageView: decoding, tolerance of broken input, the whole corpus."""
+
+import time
+
+import pytest
+
+from filterd.message import Envelope, decode_header_value, html_to_text, parse
+from filterd.message.sources import iter_messages, split_mbox
+
+SIMPLE = (b"Received: from mail.example.org (mail.example.org [192.0.2.10])\r\n"
+          b"\tby mx.example.net (Postfix) with ESMTP id 1234\r\n"
+          b"Received: from internal (localhost [127.0.0.1]) by mail.example.org\r\n"
+          b"From: Alice <Alice@Example.org>\r\n"
+          b"To: bob@example.net\r\n"
+          b"Subject: =?utf-8?q?caf=C3=A9?= time\r\n"
+          b"Message-ID: <1@example.org>\r\n"
+          b"MIME-Version: 1.0\r\n"
+          b"Content-Type: multipart/alternative; boundary=\"BB\"\r\n\r\n"
+          b"--BB\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
+          b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+          b"Gr=FC=DFe, see http://example.com/a?b=1.\r\n"
+          b"--BB\r\nContent-Type: text/html; charset=utf-8\r\n"
+          b"Content-Transfer-Encoding: base64\r\n\r\n"
+          + __import__("base64").encodebytes(
+              "<html><head><style>p{}</style></head><body><p>Hello &amp; "
+              "<a href=\"https://link.example/x\">click</a></p><script>evil()</script></body>"
+              "</html>".encode()) +
+          b"--BB\r\nContent-Type: application/pdf; name=\"doc.pdf\"\r\n"
+          b"Content-Disposition: attachment; filename=\"doc.pdf\"\r\n"
+          b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQKJcfsj6IK\r\n"
+          b"--BB--\r\n")
+
+
+def test_headers_are_decoded_and_indexed():
+    view = parse(SIMPLE)
+    assert view.subject == "café time"
+    assert view.from_address == "alice@example.org"
+    assert view.from_domain == "example.org"
+    assert view.message_id == "<1@example.org>"
+    assert len(view.header("Received")) == 2
+    assert view.has_header("mime-version")
+    assert not view.has_header("X-Nothing")
+
+
+def test_parts_text_html_and_attachments():
+    view = parse(SIMPLE)
+    types = [p.content_type for p in view.parts]
+    assert types == ["text/plain", "text/html", "application/pdf"]
+    assert "Grüße" in view.plain_texts[0]
+    html_text = view.plain_texts[1]
+    assert "Hello & click" in html_text
+    assert "evil" not in html_text and "p{}" not in html_text
+    (att,) = view.attachments
+    assert att.filename == "doc.pdf"
+    assert att.payload.startswith(b"%PDF-1.4")
+    assert att.sniffed_type == "application/pdf"
+    assert "café time" in view.body_text and "Grüße" in view.body_text
+
+
+def test_urls_from_text_and_href():
+    view = parse(SIMPLE)
+    assert "http://example.com/a?b=1" in view.urls
+    assert "https://link.example/x" in view.urls
+
+
+def test_received_chain_and_last_external_relay():
+    view = parse(SIMPLE)
+    assert view.received[0].from_ip == "192.0.2.10"
+    assert view.received[0].from_helo == "mail.example.org"
+    assert view.received[1].from_ip == "127.0.0.1"
+    assert view.last_external_relay.ip == "192.0.2.10"
+    # the MTA's own knowledge wins over Received headers
+    view = parse(SIMPLE, Envelope(client_ip="198.51.100.7", client_helo="h.example"))
+    assert view.last_external_relay.ip == "198.51.100.7"
+    assert view.last_external_relay.helo == "h.example"
+
+
+def test_header_decoding_never_raises():
+    assert decode_header_value("=?nonexistent-charset?q?abc?=") == "abc"
+    assert isinstance(decode_header_value("=?utf-8?b?!!!?="), str)  # broken word: no raise
+    assert decode_header_value("plain\r\n\tfolded") == "plain folded"
+    raw8 = b"\xe9t\xe9".decode("ascii", "surrogateescape")
+    assert decode_header_value(raw8) == "été"
+
+
+def test_html_to_text_drops_invisible_parts():
+    assert html_to_text("<p>a</p><!-- hidden --><style>x</style><p>b &lt;c&gt;</p>") == "a\nb <c>"
+
+
+def test_message_id_that_breaks_the_stdlib_parser():
+    view = parse(b"Message-ID: <@>\r\nFrom: a@b.c\r\n\r\nbody\r\n")
+    assert view.message_id == "<@>"
+
+
+BROKEN = {
+    "no separator": b"From: a@b\r\nSubject: x\r\nthis is not a header line",
+    "10 MB single line": b"From: a@b\r\n\r\n" + b"A" * 10_000_000,
+    "NUL bytes": b"From: a@b\r\nSub\x00ject: x\x00\r\n\r\nbo\x00dy\r\n",
+    "empty": b"",
+    "8-bit junk headers": b"From: \xff\xfe <a@b>\r\nSubject: \xe9\xe8\r\n\r\nbody",
+    "broken base64": (b"From: a@b\r\nContent-Type: text/plain\r\n"
+                      b"Content-Transfer-Encoding: base64\r\n\r\n!!!notbase64===\r\nQUJD\r\n"),
+    "missing boundary": (b"From: a@b\r\nContent-Type: multipart/mixed; boundary=zz\r\n\r\n"
+                         b"no boundary here at all\r\n"),
+    "bad charset": b"From: a@b\r\nContent-Type: text/plain; charset=x-klingon\r\n\r\n\xff\xfe\r\n",
+}
+
+
+def _nested(depth: int) -> bytes:
+    head = b"From: a@b.c\r\nSubject: nest\r\n"
+    for i in range(depth):
+        head += b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i)
+    tail = b"Content-Type: text/plain\r\n\r\nhello\r\n"
+    for i in reversed(range(depth)):
+        tail += b"--b%d--\r\n" % i
+    return head + tail
+
+
+@pytest.mark.parametrize("name", [*BROKEN, "1000 nested multiparts"])
+def test_broken_input_gives_a_view(name):
+    raw = BROKEN.get(name) or _nested(1000)
+    view = parse(raw, content_limit=1024 * 1024)
+    # every derived form works without raising
+    assert isinstance(view.body_text, str)
+    assert isinstance(view.urls, list)
+    assert isinstance(view.defects, list)
+    assert isinstance(view.raw_headers, list)
+    _ = [p.sniffed_type for p in view.attachments]
+
+
+def test_nesting_too_deep_is_reported():
+    assert "NestingTooDeep" in parse(_nested(1000)).defects
+
+
+def test_broken_base64_is_a_defect():
+    view = parse(BROKEN["broken base64"])
+    assert any("Base64" in d for d in view.defects)
+
+
+def test_content_limit_truncates_only_the_parsed_copy():
+    raw = BROKEN["10 MB single line"]
+    view = parse(raw, content_limit=64 * 1024)
+    assert view.truncated and view.size == len(raw)
+    assert len(view.body_text) <= 64 * 1024
+
+
+def test_mbox_split_and_sources(tmp_path):
+    mbox = (b"From a@b Sat Jan  3 01:05:34 1996\nSubject: one\n\nbody one\n\n"
+            b"From c@d Sat Jan  3 01:06:34 1996\nSubject: two\n\nbody two\n")
+    assert len(split_mbox(mbox)) == 2
+    (tmp_path / "box.mbox").write_bytes(mbox)
+    single = b"From a@b Sat Jan  3 01:05:34 1996\nSubject: solo\n\nFrom here on\n"
+    (tmp_path / "one.eml").write_bytes(single)
+    maildir = tmp_path / "md"
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    (maildir / "new" / "1.host").write_bytes(b"Subject: md\n\nx\n")
+    items = list(iter_messages([tmp_path / "box.mbox", tmp_path / "one.eml", maildir,
+                                tmp_path / "missing"]))
+    names = [i.name for i in items]
+    assert names[0].endswith("box.mbox:1") and names[1].endswith("box.mbox:2")
+    assert parse(items[1].data).subject == "two"
+    assert parse(items[2].data).subject == "solo"
+    assert parse(items[3].data).subject == "md"
+    assert items[4].data is None and "no such file" in items[4].error
+
+
+@pytest.mark.corpus
+def test_every_corpus_message_parses(corpus_files):
+    """The whole development corpus: zero exceptions in parse and every derived form."""
+    started = time.perf_counter()
+    for path in corpus_files:
+        view = parse(path.read_bytes())
+        view.body_text, view.urls, view.defects, view.received, view.last_external_relay
+        view.message_id, view.from_address
+        for att in view.attachments:
+            att.sniffed_type
+    assert len(corpus_files) > 10_000
+    assert time.perf_counter() - started < 300
