@@ -31,7 +31,11 @@ def prepare_state_dir(settings: Any) -> None:
     state = settings.state_dir
     state.mkdir(mode=0o750, parents=True, exist_ok=True)
     settings.quarantine_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-    if os.geteuid() != 0 or not settings.daemon.user:
+    if os.geteuid() != 0:
+        return
+    if not settings.daemon.user:
+        log.warning("running as root: use the systemd unit (User=filterd) or set daemon.user "
+                    "in production")
         return
     try:
         user = pwd.getpwnam(settings.daemon.user)

@@ -56,8 +56,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("daemon.state_dir", "str", str(DEFAULT_STATE_DIR),
             "Where all embedded state lives (quarantine, Bayes, caches, control socket). "
             "--state-dir and FILTERD_STATE_DIR override it."),
-    Setting("daemon.user", "str", "filterd",
-            "Unprivileged user that `filterd serve` switches to when started as root; '' keeps root."),
+    Setting("daemon.user", "str", "",
+            "User that `filterd serve` switches to when started as root (it must be able to read "
+            "the Python installation); '' keeps the starting user. The systemd unit runs filterd "
+            "as the unprivileged user filterd from the start, which is the recommended way."),
     Setting("daemon.hostname", "str", "",
             "This host's name in X-Virus-Scanned and logs; '' means the machine's FQDN."),
     Setting("daemon.max_concurrent_scans", "int", 32,
@@ -137,6 +139,39 @@ SETTINGS: tuple[Setting, ...] = (
     # --- control socket ------------------------------------------------------------------
     Setting("control.socket", "str", "",
             "Unix socket (0600) for `filterd reload|status`; '' means <state_dir>/control.sock."),
+    # --- metrics, health and replay (filterd.metrics, filterd.health, filterd.replay) -----
+    Setting("metrics.listen", "str", "127.0.0.1:9750",
+            "HOST:PORT of the Prometheus endpoint (/metrics) `filterd serve` opens; '' disables "
+            "it. Keep it on loopback or behind a firewall: it names symbols and actions."),
+    Setting("metrics.health_interval", "float", 30.0,
+            "Seconds a component health result (clamd, DNS, stores, reinjection) is reused "
+            "between scrapes, so scraping never hammers the services.", minimum=1.0),
+    Setting("metrics.health_timeout", "float", 3.0,
+            "Seconds one health probe (`filterd health` and the metrics gauges) may take.",
+            minimum=0.1),
+    Setting("replay.fp_target", "float", 0.001,
+            "Share of ham allowed as false positives when `filterd replay` reports the FN rate "
+            "at equal FP (0.001 = 0.1 %).", minimum=0.0),
+    Setting("replay.slowest", "int", 10, "How many of the slowest messages replay lists.",
+            minimum=0),
+    # --- ClamAV (filterd.checks.antivirus) --------------------------------------------------
+    Setting("clamav.socket", "str", "/run/clamav/clamd.ctl",
+            "clamd's unix socket (clamd.conf LocalSocket; Debian: /run/clamav/clamd.ctl); used "
+            "when clamav.tcp is empty."),
+    Setting("clamav.tcp", "str", "",
+            "clamd's TCP address HOST:PORT (clamd.conf TCPAddr/TCPSocket); '' uses clamav.socket."),
+    Setting("clamav.connect_timeout", "float", 5.0,
+            "Seconds to connect to clamd; failing adds CLAM_UNAVAILABLE.", minimum=0.05),
+    Setting("clamav.timeout", "float", 15.0,
+            "Seconds one scan may take in all (waiting for a connection slot included); past "
+            "it CLAM_UNAVAILABLE. Keep it below the clamav check's timeout.", minimum=0.1),
+    Setting("clamav.stream_max_length", "int", 25 * 1024 * 1024,
+            "Keep equal to clamd.conf StreamMaxLength (clamd's default 25M): a larger message is "
+            "not sent and gets CLAM_OVERSIZE (what that does is in rules/antivirus.toml).",
+            minimum=1024),
+    Setting("clamav.max_connections", "int", 4,
+            "Scans sent to clamd at once; more messages wait inside their deadline (keep at or "
+            "below clamd.conf MaxThreads).", minimum=1),
     # --- DNS resolver (filterd.dns) ------------------------------------------------------
     Setting("dns.nameservers", "list", ["127.0.0.1"],
             "IP addresses of the recursive resolver(s) all DNS checks ask (/etc/resolv.conf is "
