@@ -12,3 +12,19 @@ def corpus_files() -> list[Path]:
     if not _CORPORA.is_dir():
         pytest.skip(f"corpora not found at {_CORPORA} (set FILTERD_CORPORA)")
     return sorted(p for p in _CORPORA.glob("*/*/*") if p.is_file())
+
+
+CORE_RULE_FILES = ("actions.toml", "core.toml", "scores.toml")
+
+
+@pytest.fixture
+def core_rules(tmp_path) -> Path:
+    """A rule directory with only the core files (sanity, GTUBE), for tests of the core that
+    must not depend on other families' checks or services."""
+    import shutil
+    from filterd.config import PROJECT_RULES
+    d = tmp_path / "core-rules"
+    d.mkdir()
+    for name in CORE_RULE_FILES:
+        shutil.copy(PROJECT_RULES / name, d / name)
+    return d

@@ -34,8 +34,14 @@ def _sees(msg, ctx):
     return [Symbol("TEST_SAW_PRE")] if ctx.has_symbol("TEST_PRE") else []
 
 
+@pytest.fixture(autouse=True)
+def _core(core_rules):
+    global CORE
+    CORE = core_rules
+
+
 def ruleset_with(*bindings):
-    rs = load(config.defaults().rules_dir)
+    rs = load(CORE)
     rs.bindings = [Binding(name, fn, args, timeout, True, "(test)")
                    for name, fn, args, timeout in bindings]
     return rs

@@ -1,0 +1,172 @@
+"""The after-queue front end on loopback, against a real SMTP sink that can be told to fail."""
+
+import asyncio
+import json
+import smtplib
+import socket
+import threading
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from filterd import config
+from filterd.frontends import smtp as smtp_frontend
+from filterd.pipeline import Phase, check
+from filterd.service import Scanner
+
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+CLEAN = (b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\nX-Spam-Flag: NO\r\n"
+         b"Date: Sun, 22 Nov 2026 05:00:00 +0000\r\nMessage-ID: <1@example.org>\r\n\r\nhello\r\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sink:
+    """A reinjection listener: records what it receives, or refuses with `reply`."""
+
+    def __init__(self):
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.reply: str | None = None
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.reply:
+            return self.reply
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
+                              envelope.original_content))
+        return "250 OK"
+
+
+@check("test.smtp_slow", phase=Phase.MAIN)
+async def _slow(msg, ctx):
+    await asyncio.sleep(10)
+    return []
+
+
+class Rig:
+    def __init__(self, tmp_path, core_rules, **overrides):
+        self.sink = Sink()
+        self.sink_port = free_port()
+        self.controller = Controller(self.sink, hostname="127.0.0.1", port=self.sink_port)
+        self.controller.start()
+        self.port = free_port()
+        values = {"daemon.state_dir": str(tmp_path / "state"), "daemon.hostname": "mx.test",
+                  "smtp.listen": f"127.0.0.1:{self.port}",
+                  "smtp.reinject": f"127.0.0.1:{self.sink_port}", "smtp.reinject_timeout": 5,
+                  "scan.mynetworks": [], "rules.dir": str(core_rules)}
+        values.update(overrides)
+        self.settings = config.defaults().with_overrides(values)
+        self.scanner = Scanner(self.settings)
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.server = self.loop.run_until_complete(smtp_frontend.start_server(self.scanner))
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+
+    def send(self, data: bytes, xforward: str | None = None, rcpts=("b@example.net",)):
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
+            client.ehlo("postfix.test")
+            if xforward:
+                code, text = client.docmd("XFORWARD", xforward)
+                if code != 250:
+                    return code, text.decode()
+            try:
+                client.sendmail("a@example.org", list(rcpts), data)
+            except smtplib.SMTPDataError as exc:
+                return exc.smtp_code, exc.smtp_error.decode()
+            return 250, ""
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        try:
+            self.controller.stop()
+        except AssertionError:  # already stopped by the test
+            pass
+
+
+@pytest.fixture
+def rig(tmp_path, core_rules):
+    r = Rig(tmp_path, core_rules)
+    yield r
+    r.close()
+
+
+def test_clean_message_is_reinjected_once_with_headers(rig):
+    assert rig.send(CLEAN)[0] == 250
+    ((mail_from, rcpts, data),) = rig.sink.messages
+    assert (mail_from, rcpts) == ("a@example.org", ["b@example.net"])
+    assert data.startswith(b"X-Virus-Scanned: filterd at mx.test\r\n")
+    assert b"X-Spam-Flag" not in data  # the forged one is gone, and no tag below tag_level
+    assert data.endswith(b"\r\n\r\nhello\r\n")
+
+
+def test_reinjection_refused_is_a_tempfail(rig):
+    rig.sink.reply = "554 5.7.1 no thanks"
+    code, text = rig.send(CLEAN)
+    assert code == 451 and "Reinjection failed" in text
+
+
+def test_reinjection_listener_down_is_a_tempfail(rig):
+    rig.controller.stop()
+    code, text = rig.send(CLEAN)
+    assert code == 451
+
+
+def test_gtube_is_quarantined_not_bounced_and_xforward_is_recorded(rig):
+    code, _ = rig.send(CLEAN.replace(b"hello", GTUBE.encode()),
+                       xforward="ADDR=192.0.2.5 HELO=client.example NAME=[UNAVAILABLE] IDENT=Q1")
+    assert code == 250
+    assert rig.sink.messages == []
+    (sidecar,) = rig.settings.quarantine_dir.rglob("*.json")
+    meta = json.loads(sidecar.read_text())
+    assert meta["client_ip"] == "192.0.2.5" and meta["queue_id"] == "Q1"
+    assert meta["client_helo"] == "client.example"
+    assert meta["category"] == "spam"
+
+
+def test_unwritable_quarantine_is_a_tempfail(tmp_path, core_rules):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    r = Rig(tmp_path, core_rules, **{"quarantine.dir": str(blocker / "q")})
+    try:
+        code, text = r.send(CLEAN.replace(b"hello", GTUBE.encode()))
+        assert code == 451 and "quarantine unavailable" in text
+        assert r.sink.messages == []
+    finally:
+        r.close()
+
+
+def test_xforward_only_from_configured_peers(tmp_path, core_rules):
+    r = Rig(tmp_path, core_rules, **{"smtp.xforward_peers": ["10.0.0.0/8"]})
+    try:
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as client:
+            code, text = client.ehlo("x")
+            assert b"XFORWARD" not in text
+            assert client.docmd("XFORWARD", "ADDR=192.0.2.1")[0] == 550
+    finally:
+        r.close()
+
+
+def test_missed_deadline_is_a_tempfail(tmp_path, core_rules):
+    site = tmp_path / "site" / "local.d"
+    site.mkdir(parents=True)
+    (site / "slow.toml").write_text('[check.slow]\nfunction = "test.smtp_slow"\n')
+    r = Rig(tmp_path, core_rules, **{"scan.deadline": 0.3, "rules.site_dir": str(site.parent)})
+    try:
+        code, text = r.send(CLEAN)
+        assert code == 451
+        assert r.sink.messages == []
+    finally:
+        r.close()
