@@ -78,6 +78,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rules.site_dir", "str", "",
             "Site layer with local.d/ (merged) and override.d/ (replacing) rule files; '' means "
             "the directory of the config file."),
+    Setting("rules.engine", "choice", "auto",
+            "Pattern matching: auto (Hyperscan multi-pattern pass when installed, else one "
+            "regex per rule) or re (always one regex per rule).", choices=("auto", "re")),
+    Setting("rules.rule_timeout", "float", 0.25,
+            "Seconds one pattern rule may spend on one text before it yields RULE_ERROR; a rule "
+            "may set its own `timeout`.", minimum=0.001),
     # --- scanning ------------------------------------------------------------------------
     Setting("scan.deadline", "float", 60.0,
             "Seconds one message may take in total; past it the message is tempfailed.",

@@ -58,6 +58,7 @@ REGISTRY: dict[str, CheckSpec] = {}
 CHECK_MODULES = (
     "filterd.checks.sanity",
     "filterd.checks.gtube",
+    "filterd.ruleset.check",
 )
 
 

@@ -8,7 +8,8 @@ Every value remembers the file it came from, for `filterd rules show NAME`.
 Top-level tables a rule file may hold (anything else is an error naming the file):
   [check.NAME]    binds a registered check function with arguments (filterd.pipeline)
   [symbol.NAME]   describes a symbol a check emits (description is required)
-  [rule.NAME]     a pattern rule (header/body/uri/meta...: filterd.ruleset.engine)
+  [rule.NAME]     a pattern rule (header/body/uri/meta...: filterd.ruleset.engine,
+                  the language is documented in rules/README.md)
   [scores]        SYMBOL = weight; the only place numbers for symbols live
   [levels]        tag_level, tag2_level, kill_level, reject_level
   [actions]       kill_action, subject_tag
@@ -19,6 +20,7 @@ Top-level tables a rule file may hold (anything else is an error naming the file
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,10 @@ class Ruleset:
     sources: dict[str, str] = field(default_factory=dict)  # "table.key" -> file
     files: list[str] = field(default_factory=list)
     engine: Any = None                         # compiled pattern rules, set by the engine
+    # "table.key" and "table.key.field" -> "file:line" of the value that won
+    locations: dict[str, str] = field(default_factory=dict)
+    # "table.key" -> every (layer, "file:line") that set it, in load order (lint, rules show)
+    definitions: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     def describe(self, name: str) -> str:
         if name in self.symbols:
@@ -80,12 +86,50 @@ class Ruleset:
     def source_of(self, table: str, key: str) -> str | None:
         return self.sources.get(f"{table}.{key}")
 
+    def location_of(self, where: str) -> str:
+        """"file:line" of an entry or field ("rule.X", "rule.X.pattern"), else its file."""
+        if where in self.locations:
+            return self.locations[where]
+        head = where
+        while "." in head:
+            if head in self.locations:
+                return self.locations[head]
+            head = head.rpartition(".")[0]
+        return self.sources.get(where, "(rules)")
+
 
 # Symbols the pipeline itself emits; declared here so every symbol has a description.
 BUILTIN_SYMBOLS = {
     "CHECK_ERROR": "A check raised an error; the scan went on without it (options: check, error)",
     "CHECK_TIMEOUT": "A check did not finish within its timeout (options: check)",
 }
+
+_TOML_HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
+_TOML_KEY = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_\-]+)\s*=""")
+_TOML_PART = re.compile(r"""\"[^"]*\"|'[^']*'|[^.\s]+""")
+
+
+def line_index(text: str) -> dict[str, int]:
+    """Where each table header and key starts: {"rule.X": 12, "rule.X.pattern": 14}.
+
+    tomllib gives no positions, so error messages find them here with a line scanner that
+    understands what rule files use (headers, dotted headers, key = value lines).
+    """
+    index: dict[str, int] = {}
+    current: str | None = None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("[["):
+            current = None
+            continue
+        m = _TOML_HEADER.match(line)
+        if m:
+            current = ".".join(p.strip("\"'") for p in _TOML_PART.findall(m.group(1)))
+            index.setdefault(current, lineno)
+            continue
+        m = _TOML_KEY.match(line)
+        if m and current:
+            index.setdefault(f"{current}.{m.group(1).strip(chr(34) + chr(39))}", lineno)
+    return index
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -108,12 +152,31 @@ def _rule_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("*.toml") if p.is_file()) if directory.is_dir() else []
 
 
+@dataclass
+class RawRules:
+    """The merged tables before validation, with where every value came from."""
+
+    merged: dict[str, dict[str, Any]]
+    sources: dict[str, str]
+    files: list[str]
+    locations: dict[str, str]
+    definitions: dict[str, list[tuple[str, str]]]
+
+
 def load_raw(shipped: Path, site: Path | None = None) -> tuple[dict[str, dict[str, Any]],
                                                               dict[str, str], list[str]]:
+    """Merge shipped files, then local.d (merge), then override.d (replace)."""
+    raw = load_layers(shipped, site)
+    return raw.merged, raw.sources, raw.files
+
+
+def load_layers(shipped: Path, site: Path | None = None) -> RawRules:
     """Merge shipped files, then local.d (merge), then override.d (replace)."""
     merged: dict[str, dict[str, Any]] = {t: {} for t in TABLES}
     sources: dict[str, str] = {}
     files: list[str] = []
+    locations: dict[str, str] = {}
+    definitions: dict[str, list[tuple[str, str]]] = {}
     layers: list[tuple[str, list[Path]]] = [("shipped", _rule_files(shipped))]
     if site is not None:
         layers.append(("local", _rule_files(site / "local.d")))
@@ -124,6 +187,15 @@ def load_raw(shipped: Path, site: Path | None = None) -> tuple[dict[str, dict[st
         for path in paths:
             files.append(str(path))
             data = _read(path)
+            try:
+                lines = line_index(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError):
+                lines = {}
+
+            def at(where: str, path: Path = path, lines: dict[str, int] = lines) -> str:
+                line = lines.get(where)
+                return f"{path}:{line}" if line else str(path)
+
             for table, entries in data.items():
                 if table == "meta":
                     continue
@@ -132,20 +204,28 @@ def load_raw(shipped: Path, site: Path | None = None) -> tuple[dict[str, dict[st
                     where = f"{table}.{key}"
                     if table in ENTRY_TABLES:
                         if not isinstance(value, dict):
-                            raise RulesetError(str(path), where, "expected a table")
+                            raise RulesetError(at(where), where, "expected a table")
                         if layer == "shipped" and key in target:
-                            raise RulesetError(str(path), where,
-                                               f"defined again (first in {sources[where]})")
+                            raise RulesetError(at(where), where,
+                                               f"defined again (first in {locations[where]})")
                         if layer == "local" and key in target:
                             target[key] = {**target[key], **value}
                         else:
                             target[key] = dict(value)
+                            if layer == "override":
+                                # a replaced entry keeps no field of the one it replaces
+                                for old in [k for k in sources if k.startswith(where + ".")]:
+                                    sources.pop(old, None)
+                                    locations.pop(old, None)
                         for field_name in value:
                             sources[f"{where}.{field_name}"] = str(path)
+                            locations[f"{where}.{field_name}"] = at(f"{where}.{field_name}")
                     else:
                         target[key] = value
                     sources[where] = str(path)
-    return merged, sources, files
+                    locations[where] = at(where)
+                    definitions.setdefault(where, []).append((layer, at(where)))
+    return RawRules(merged, sources, files, locations, definitions)
 
 
 def _action(source: str, key: str, value: Any) -> Action:
@@ -156,9 +236,12 @@ def _action(source: str, key: str, value: Any) -> Action:
                            f"{', '.join(a.value for a in Action)})") from None
 
 
-def build(merged: dict[str, dict[str, Any]], sources: dict[str, str], files: list[str]) -> Ruleset:
+def build(merged: dict[str, dict[str, Any]], sources: dict[str, str], files: list[str],
+          locations: Mapping[str, str] | None = None) -> Ruleset:
+    locations = locations or {}
+
     def src(where: str) -> str:
-        return sources.get(where, "(rules)")
+        return locations.get(where) or sources.get(where, "(rules)")
 
     bindings = []
     for name, entry in merged["check"].items():
@@ -219,13 +302,20 @@ def build(merged: dict[str, dict[str, Any]], sources: dict[str, str], files: lis
                     spam_checks_for_originating=bool(actions.get("spam_checks_for_originating",
                                                                  False)))
     return Ruleset(bindings=bindings, symbols=symbols, rules=dict(merged["rule"]), scores=scores,
-                   policy=policy, sources=sources, files=files)
+                   policy=policy, sources=sources, files=files, locations=dict(locations))
 
 
 def load(shipped: Path, site: Path | None = None) -> Ruleset:
-    """Load, validate and compile the rule set; raises RulesetError naming file and key."""
-    merged, sources, files = load_raw(shipped, site)
-    ruleset = build(merged, sources, files)
+    """Load, validate and compile the rule set; raises RulesetError naming file:line and key.
+
+    Everything that can be wrong with the data is found here, before the set is used: a reload
+    that raises keeps the old set running (filterd.service.Scanner.reload).
+    """
+    raw = load_layers(shipped, site)
+    ruleset = build(raw.merged, raw.sources, raw.files, raw.locations)
+    ruleset.definitions = raw.definitions
     from filterd.pipeline import validate_bindings  # the registry knows the check functions
     validate_bindings(ruleset)
+    from filterd.ruleset.engine import compile_ruleset
+    ruleset.engine = compile_ruleset(ruleset)
     return ruleset

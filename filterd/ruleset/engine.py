@@ -1,0 +1,611 @@
+"""The pattern rule engine: compile every [rule.NAME] once, match all rules of one target at once.
+
+Trusts: nothing in the message; rule files only as far as `compile_ruleset` has validated them
+(every error is a RulesetError naming file:line, rule and field, raised at load so a reload can
+refuse it). Settings (read per scan by filterd.ruleset.check): rules.engine, rules.rule_timeout.
+Symbols: each non-helper rule that fires emits its own name; RULE_ERROR (options: rule, reason)
+when one rule raised or overran its time budget. `__NAME` rules are helpers for meta rules and
+are never emitted.
+
+How matching works. Rules are grouped by *target*, the text they read: "body", "rawbody",
+"full", "uri", "header:<name>[:raw|:addr|:name]", "mimeheader:<name>". For each target all
+patterns are compiled into one Hyperscan database in prefilter mode (a superset of the real
+matches, one pass over the text whatever the number of rules); each candidate is then confirmed
+with the `regex` module (stdlib `re` when it is missing) on the same text, which also gives the
+excerpt for `filterd scan --explain` and makes the result exactly that of the per-rule path.
+Patterns Hyperscan cannot take, texts it cannot be given (lone surrogates) and a missing
+`hyperscan` module fall back to one regex search per rule. `Engine.match(view, mode="re")`
+forces that path; tests compare both on the whole corpus.
+
+Pattern syntax is Python's (`regex` module dialect: possessive quantifiers, atomic groups and
+POSIX classes work too); flags are a string of i (ignore case), s (dot matches newline),
+m (^/$ at every line), x (verbose).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from filterd.message import MessageView, decode_header_value
+from filterd.ruleset.expr import Expression, ExpressionError, compile_expression
+
+try:  # the `regex` module can stop a runaway pattern (timeout=); stdlib re cannot
+    import regex as rx
+    HAVE_REGEX = True
+except ImportError:  # pragma: no cover - exercised only where regex is not installed
+    rx = re  # type: ignore[assignment]
+    HAVE_REGEX = False
+
+try:
+    import hyperscan
+    HAVE_HYPERSCAN = True
+except ImportError:  # pragma: no cover
+    hyperscan = None
+    HAVE_HYPERSCAN = False
+
+KINDS = ("header", "mimeheader", "body", "rawbody", "full", "uri", "meta")
+PATTERN_KINDS = ("header", "mimeheader", "body", "rawbody", "full", "uri")
+HEADER_MODIFIERS = ("raw", "addr", "name")
+RULE_FIELDS = {"kind", "description", "header", "pattern", "flags", "negate", "exists",
+               "if_unset", "expression", "nice", "enabled", "timeout", "tflags", "origin"}
+FLAG_CHARS = "isxm"
+EXCERPT_CHARS = 80
+
+# Headers other filters add: the ALL target leaves them out, and lint refuses native rules that
+# name them, because keying on another filter's verdict measures that filter, not the mail
+# (../shared/notes/evaluation.md).
+FOREIGN_HEADER_PREFIXES = ("x-spam-", "x-virus-", "x-amavis-", "x-bogosity", "x-spamd-",
+                           "x-rspamd-", "x-dspam-", "x-quarantine-", "authentication-results",
+                           "x-spam", "x-barracuda-", "x-proofpoint-", "x-ironport-")
+
+
+class CompileError(ValueError):
+    """One rule does not compile; `field` names the offending field."""
+
+    def __init__(self, rule: str, field_name: str, problem: str):
+        self.rule, self.field, self.problem = rule, field_name, problem
+        super().__init__(f"rule.{rule}.{field_name}: {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One compiled rule."""
+
+    name: str
+    kind: str
+    target: str                      # "" for meta and exists rules
+    pattern: str
+    flags: str
+    regex: Any                       # compiled pattern (regex or re), None for meta/exists
+    negate: bool
+    exists: bool | None              # header exists (True) / does not exist (False)
+    header: str
+    if_unset: str
+    expression: Expression | None
+    timeout: float | None
+    nice: bool
+    description: str
+    location: str
+    matches_empty: bool = False          # the pattern matches "" (decided once, at compile)
+
+    @property
+    def helper(self) -> bool:
+        return self.name.startswith("__")
+
+
+@dataclass(frozen=True, slots=True)
+class MatchResult:
+    hits: dict[str, str]                         # rule name -> matched excerpt
+    errors: tuple[tuple[str, str], ...]          # (rule name, reason)
+    elapsed: float
+
+
+@dataclass
+class _Group:
+    """All pattern rules over one target, with their Hyperscan database."""
+
+    target: str
+    multi: bool                                  # a list of texts (URIs), matched one by one
+    rules: list[Rule] = field(default_factory=list)
+    hs_rules: list[Rule] = field(default_factory=list)   # ids index into this list
+    re_rules: list[Rule] = field(default_factory=list)   # not in the database
+    hs_db: Any = None
+    hs_failures: dict[str, str] = field(default_factory=dict)
+
+
+def _python_flags(flags: str, *, multiline: bool = False) -> int:
+    value = 0
+    if "i" in flags:
+        value |= rx.IGNORECASE
+    if "s" in flags:
+        value |= rx.DOTALL
+    if "m" in flags or multiline:
+        value |= rx.MULTILINE
+    if "x" in flags:
+        value |= rx.VERBOSE
+    return value
+
+
+_PY_UNICODE_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u([0-9a-fA-F]{4})|(?<!\\)((?:\\\\)*)\\U([0-9a-fA-F]{8})")
+_PY_EMPTY_MIN = re.compile(r"(?<!\\)\{,(\d+)\}")
+
+
+def _hyperscan_pattern(pattern: str) -> bytes:
+    """Python-dialect pattern to a PCRE-dialect one Hyperscan accepts (as a superset)."""
+    def unicode_escape(m: re.Match[str]) -> str:
+        if m.group(2):
+            return f"{m.group(1)}\\x{{{m.group(2)}}}"
+        return f"{m.group(3)}\\x{{{m.group(4)}}}"
+
+    pattern = _PY_UNICODE_ESCAPE.sub(unicode_escape, pattern)
+    pattern = _PY_EMPTY_MIN.sub(r"{0,\1}", pattern)   # Python's {,n} is literal text in PCRE
+    return pattern.encode("utf-8")
+
+
+def _hs_flags(flags: str, *, multiline: bool) -> int:
+    assert hyperscan is not None
+    value = (hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH
+             | hyperscan.HS_FLAG_ALLOWEMPTY | hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP)
+    if "i" in flags:
+        value |= hyperscan.HS_FLAG_CASELESS
+    if "s" in flags:
+        value |= hyperscan.HS_FLAG_DOTALL
+    if "m" in flags or multiline:
+        value |= hyperscan.HS_FLAG_MULTILINE
+    return value
+
+
+def _hs_compile(patterns: list[bytes], flags: list[int]) -> Any:
+    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    db.compile(expressions=patterns, ids=list(range(len(patterns))), elements=len(patterns),
+               flags=flags)
+    return db
+
+
+def _build_group_db(group: _Group) -> None:
+    """Compile a group's rules into one database, leaving out those Hyperscan refuses."""
+    if not HAVE_HYPERSCAN or not group.rules:
+        group.re_rules = list(group.rules)
+        return
+    candidates: list[tuple[Rule, bytes, int]] = []
+    for rule in group.rules:
+        pattern = rule.pattern if "x" not in rule.flags else "(?x)" + rule.pattern
+        try:
+            candidates.append((rule, _hyperscan_pattern(pattern),
+                               _hs_flags(rule.flags, multiline=group.multi)))
+        except UnicodeEncodeError:
+            group.hs_failures[rule.name] = "pattern is not valid UTF-8"
+    try:
+        db = _hs_compile([c[1] for c in candidates], [c[2] for c in candidates])
+    except Exception:
+        # Hyperscan names no expression in its error: find the ones it refuses one by one
+        good = []
+        for cand in candidates:
+            try:
+                _hs_compile([cand[1]], [cand[2]])
+                good.append(cand)
+            except Exception as exc:
+                group.hs_failures[cand[0].name] = str(exc.args[0] if exc.args else exc)
+        candidates = good
+        db = _hs_compile([c[1] for c in candidates], [c[2] for c in candidates]) \
+            if candidates else None
+    group.hs_db = db
+    group.hs_rules = [c[0] for c in candidates] if db is not None else []
+    in_db = {r.name for r in group.hs_rules}
+    group.re_rules = [r for r in group.rules if r.name not in in_db]
+
+
+class Engine:
+    """Compiled pattern and meta rules of one rule set; shared read-only by every scan."""
+
+    def __init__(self, rules: dict[str, Rule], groups: dict[str, _Group],
+                 exists_rules: list[Rule], meta_order: list[Rule]):
+        self.rules = rules
+        self.groups = groups
+        self.exists_rules = exists_rules
+        self.meta_order = meta_order
+        self._local = threading.local()      # Hyperscan scratch space is per thread
+
+    # --- introspection ---------------------------------------------------------------------
+    @property
+    def hyperscan_rules(self) -> int:
+        return sum(len(g.hs_rules) for g in self.groups.values())
+
+    @property
+    def fallback_rules(self) -> dict[str, str]:
+        """Pattern rules matched one by one, and why (Hyperscan refused or is missing)."""
+        out: dict[str, str] = {}
+        for group in self.groups.values():
+            for rule in group.re_rules:
+                out[rule.name] = group.hs_failures.get(
+                    rule.name, "hyperscan not installed" if not HAVE_HYPERSCAN else "not compiled")
+        return out
+
+    # --- matching ----------------------------------------------------------------------------
+    def match(self, view: MessageView, *, mode: str = "auto", rule_timeout: float = 0.25
+              ) -> MatchResult:
+        """Every pattern and exists rule that fires on the message, with an excerpt each.
+
+        mode: "auto" uses Hyperscan where available, "re" matches rule by rule.
+        """
+        started = time.perf_counter()
+        hits: dict[str, str] = {}
+        errors: list[tuple[str, str]] = []
+        use_hs = mode != "re" and HAVE_HYPERSCAN
+        texts = _Texts(view)
+        for rule in self.exists_rules:
+            present = view.has_header(rule.header)
+            if present == rule.exists:
+                hits[rule.name] = (f"{rule.header}: {_excerpt_of(view.first(rule.header))}"
+                                   if present else f"(no {rule.header} header)")
+        for group in self.groups.values():
+            try:
+                value = texts.get(group.target)
+            except Exception as exc:  # a decoding oddity must not cost the other targets
+                for rule in group.rules:
+                    errors.append((rule.name, f"target {group.target}: {type(exc).__name__}"))
+                continue
+            if group.multi:
+                self._match_multi(group, value, use_hs, rule_timeout, hits, errors)
+            else:
+                self._match_single(group, value, use_hs, rule_timeout, hits, errors)
+        return MatchResult(hits, tuple(errors), time.perf_counter() - started)
+
+    def _scratch(self, group: _Group) -> Any:
+        cache = getattr(self._local, "scratch", None)
+        if cache is None:
+            cache = self._local.scratch = {}
+        scratch = cache.get(group.target)
+        if scratch is None:
+            scratch = cache[group.target] = hyperscan.Scratch(group.hs_db)
+        return scratch
+
+    def _candidates(self, group: _Group, data: bytes) -> set[int]:
+        found: set[int] = set()
+
+        def on_match(rule_id: int, start: int, end: int, flags: int, context: Any) -> None:
+            found.add(rule_id)
+
+        group.hs_db.scan(data, match_event_handler=on_match, scratch=self._scratch(group))
+        return found
+
+    def _match_single(self, group: _Group, value: str | None, use_hs: bool, budget: float,
+                      hits: dict[str, str], errors: list[tuple[str, str]]) -> None:
+        data: bytes | None = None
+        if use_hs and group.hs_db is not None and value:
+            try:
+                data = value.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates: Hyperscan needs valid UTF-8
+                data = None
+        if data is None:
+            for rule in group.rules:
+                self._confirm(rule, value, budget, hits, errors)
+            return
+        candidates = self._candidates(group, data)
+        for index, rule in enumerate(group.hs_rules):
+            if index in candidates:
+                self._confirm(rule, value, budget, hits, errors)
+            elif rule.negate:
+                # the prefilter is a superset: no candidate means no match, so !~ fires
+                hits[rule.name] = "(no match)"
+        for rule in group.re_rules:
+            self._confirm(rule, value, budget, hits, errors)
+
+    def _confirm(self, rule: Rule, value: str | None, budget: float, hits: dict[str, str],
+                 errors: list[tuple[str, str]]) -> None:
+        text = value if value is not None else rule.if_unset
+        if not text:
+            fires = rule.matches_empty != rule.negate
+            if fires:
+                hits[rule.name] = "(empty)" if value is not None else f"(no {rule.header} header)"
+            return
+        try:
+            m = _search(rule, text, budget)
+        except TimeoutError:
+            errors.append((rule.name, f"over its {rule.timeout or budget:g}s budget"))
+            return
+        except Exception as exc:
+            errors.append((rule.name, f"{type(exc).__name__}: {exc}"))
+            return
+        if rule.negate:
+            if m is None:
+                hits[rule.name] = "(no match)"
+        elif m is not None:
+            hits[rule.name] = _excerpt(text, m.start(), m.end())
+
+    def _match_multi(self, group: _Group, values: list[str], use_hs: bool, budget: float,
+                     hits: dict[str, str], errors: list[tuple[str, str]]) -> None:
+        if not values:
+            return
+        candidates: list[Rule] | None = None
+        if use_hs and group.hs_db is not None:
+            try:
+                data = "\n".join(values).encode("utf-8")
+            except UnicodeEncodeError:
+                data = None
+            if data is not None:
+                ids = self._candidates(group, data)
+                candidates = [group.hs_rules[i] for i in sorted(ids)] + group.re_rules
+        for rule in (candidates if candidates is not None else group.rules):
+            for item in values:
+                try:
+                    m = _search(rule, item, budget)
+                except TimeoutError:
+                    errors.append((rule.name, f"over its {rule.timeout or budget:g}s budget"))
+                    break
+                except Exception as exc:
+                    errors.append((rule.name, f"{type(exc).__name__}: {exc}"))
+                    break
+                if m is not None:
+                    hits[rule.name] = _excerpt(item, m.start(), m.end())
+                    break
+
+    # --- meta rules ---------------------------------------------------------------------------
+    def evaluate_metas(self, values: Mapping[str, float]) -> tuple[list[str], list[tuple[str, str]]]:
+        """Meta rules that fire given symbol counts; metas see earlier metas' results."""
+        current = dict(values)
+        fired: list[str] = []
+        errors: list[tuple[str, str]] = []
+        for rule in self.meta_order:
+            assert rule.expression is not None
+            try:
+                result = rule.expression(current)
+            except Exception as exc:  # e.g. an overflow: the rule errs, the scan goes on
+                errors.append((rule.name, f"{type(exc).__name__}: {exc}"))
+                continue
+            if result:
+                current[rule.name] = current.get(rule.name, 0.0) + 1.0
+                fired.append(rule.name)
+        return fired, errors
+
+
+def _search(rule: Rule, text: str, budget: float) -> Any:
+    if HAVE_REGEX:
+        try:
+            return rule.regex.search(text, timeout=rule.timeout or budget)
+        except TimeoutError:
+            raise
+    started = time.perf_counter()  # stdlib re cannot be stopped: report an overrun afterwards
+    m = rule.regex.search(text)
+    if time.perf_counter() - started > (rule.timeout or budget):
+        raise TimeoutError
+    return m
+
+
+def _excerpt(text: str, start: int, end: int) -> str:
+    if end - start >= EXCERPT_CHARS:
+        piece = text[start:start + EXCERPT_CHARS] + "…"
+    else:
+        pad = (EXCERPT_CHARS - (end - start)) // 2
+        lo, hi = max(0, start - pad), min(len(text), end + pad)
+        piece = ("…" if lo else "") + text[lo:hi] + ("…" if hi < len(text) else "")
+    return " ".join(piece.split())
+
+
+def _excerpt_of(text: str) -> str:
+    return _excerpt(text, 0, min(len(text), EXCERPT_CHARS))
+
+
+class _Texts:
+    """The text of each target for one message, computed once per scan."""
+
+    def __init__(self, view: MessageView):
+        self.view = view
+        self.cache: dict[str, Any] = {}
+
+    def get(self, target: str) -> Any:
+        if target not in self.cache:
+            self.cache[target] = self._compute(target)
+        return self.cache[target]
+
+    def _compute(self, target: str) -> Any:
+        view = self.view
+        if target == "body":
+            return view.body_text
+        if target == "rawbody":
+            return "\n".join(p.text for p in view.text_parts)
+        if target == "full":
+            return view.raw[:view.content_limit].decode("utf-8", "replace")
+        if target == "uri":
+            return list(view.urls)
+        kind, _, rest = target.partition(":")
+        name, _, modifier = rest.partition(":")
+        if kind == "mimeheader":
+            values = []
+            for part in view.parts:
+                msg = getattr(part, "_msg", None)
+                if msg is None:
+                    continue
+                for value in msg.get_all(name, []) or []:
+                    values.append(value if modifier == "raw" else decode_header_value(str(value)))
+            return "\n".join(values) if values else None
+        if name == "ALL":
+            lines = []
+            for hname, hvalue in view.raw_headers:
+                if hname.lower().startswith(FOREIGN_HEADER_PREFIXES):
+                    continue
+                shown = hvalue if modifier == "raw" else decode_header_value(hvalue)
+                lines.append(f"{hname}: {shown}")
+            return "\n".join(lines) + "\n" if lines else None
+        if not view.has_header(name):
+            return None
+        if modifier == "raw":
+            return "\n".join(view.header_raw(name))
+        values = view.header(name)
+        if modifier in ("addr", "name"):
+            try:
+                pairs = email.utils.getaddresses(values)
+            except Exception:
+                pairs = []
+            index = 1 if modifier == "addr" else 0
+            return "\n".join(p[index] for p in pairs)
+        return "\n".join(values)
+
+
+# --- compiling ----------------------------------------------------------------------------------
+def _target_of(kind: str, header: str) -> str:
+    if kind in ("body", "rawbody", "full", "uri"):
+        return kind
+    return f"{kind}:{header}"
+
+
+def compile_rule(name: str, entry: Mapping[str, Any], location: str = "") -> Rule:
+    """Validate and compile one [rule.NAME] table; raises CompileError naming the field."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise CompileError(name, "(name)", "rule names are letters, digits and _")
+    unknown = set(entry) - RULE_FIELDS
+    if unknown:
+        raise CompileError(name, sorted(unknown)[0],
+                           f"unknown field (known: {', '.join(sorted(RULE_FIELDS))})")
+    kind = entry.get("kind")
+    if kind not in KINDS:
+        raise CompileError(name, "kind", f"expected one of {', '.join(KINDS)}, got {kind!r}")
+    description = entry.get("description", "")
+    if not isinstance(description, str):
+        raise CompileError(name, "description", "expected a string")
+    timeout = entry.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or timeout <= 0):
+        raise CompileError(name, "timeout", "expected a positive number of seconds")
+    for flag_field in ("negate", "nice", "enabled"):
+        if flag_field in entry and not isinstance(entry[flag_field], bool):
+            raise CompileError(name, flag_field, "expected true or false")
+    nice = bool(entry.get("nice", False))
+    if "tflags" in entry:
+        tflags = entry["tflags"]
+        if not isinstance(tflags, list) or not all(isinstance(t, str) for t in tflags):
+            raise CompileError(name, "tflags", "expected a list of strings")
+        nice = nice or "nice" in tflags
+    common = dict(name=name, kind=kind, description=description, location=location,
+                  timeout=float(timeout) if timeout else None, nice=nice)
+
+    if kind == "meta":
+        for bad in ("pattern", "header", "negate", "exists", "flags"):
+            if bad in entry:
+                raise CompileError(name, bad, "a meta rule takes only an expression")
+        text = entry.get("expression")
+        if not isinstance(text, str):
+            raise CompileError(name, "expression", "a meta rule needs an expression string")
+        try:
+            expression = compile_expression(text)
+        except ExpressionError as exc:
+            raise CompileError(name, "expression", str(exc)) from None
+        if name in expression.references:
+            raise CompileError(name, "expression", "refers to itself")
+        return Rule(target="", pattern="", flags="", regex=None, negate=False, exists=None,
+                    header="", if_unset="", expression=expression, **common)
+
+    if "expression" in entry:
+        raise CompileError(name, "expression", f"only meta rules take an expression, not {kind}")
+    header = entry.get("header", "")
+    if kind in ("header", "mimeheader"):
+        if not isinstance(header, str) or not header.strip():
+            raise CompileError(name, "header", f"a {kind} rule needs the header name")
+        hname, _, modifier = header.strip().partition(":")
+        if not re.fullmatch(r"[!-9;-~]+", hname):
+            raise CompileError(name, "header", f"{hname!r} is not a header name")
+        if modifier and modifier not in HEADER_MODIFIERS:
+            raise CompileError(name, "header", f"unknown modifier :{modifier} (known: "
+                                               f"{', '.join(HEADER_MODIFIERS)})")
+        if kind == "mimeheader" and hname == "ALL":
+            raise CompileError(name, "header", "mimeheader rules name one header")
+        header = hname if hname == "ALL" else hname.lower()
+        header = f"{header}:{modifier}" if modifier else header
+    elif "header" in entry:
+        raise CompileError(name, "header", f"{kind} rules read no header")
+
+    if "exists" in entry:
+        exists = entry["exists"]
+        if kind != "header" or not isinstance(exists, bool):
+            raise CompileError(name, "exists", "exists = true/false belongs to header rules")
+        if "pattern" in entry:
+            raise CompileError(name, "pattern", "an exists rule takes no pattern")
+        if ":" in header or header == "ALL":
+            raise CompileError(name, "header", "an exists rule names one plain header")
+        return Rule(target="", pattern="", flags="", regex=None, negate=False, exists=exists,
+                    header=header, if_unset="", expression=None, **common)
+
+    pattern = entry.get("pattern")
+    if not isinstance(pattern, str) or pattern == "":
+        raise CompileError(name, "pattern", "a pattern rule needs a non-empty pattern string")
+    flags = entry.get("flags", "")
+    if not isinstance(flags, str) or any(c not in FLAG_CHARS for c in flags):
+        raise CompileError(name, "flags", f"flags are letters from {FLAG_CHARS!r}")
+    negate = bool(entry.get("negate", False))
+    if negate and kind == "uri":
+        raise CompileError(name, "negate", "uri rules cannot be negated (there may be no URI)")
+    if_unset = entry.get("if_unset", "")
+    if not isinstance(if_unset, str):
+        raise CompileError(name, "if_unset", "expected a string")
+    if if_unset and kind not in ("header", "mimeheader"):
+        raise CompileError(name, "if_unset", "only header rules have an unset value")
+    try:
+        compiled = rx.compile(pattern, _python_flags(flags))
+    except Exception as exc:  # re.error / regex.error
+        raise CompileError(name, "pattern", f"does not compile: {exc}") from None
+    return Rule(target=_target_of(kind, header), pattern=pattern, flags=flags, regex=compiled,
+                negate=negate, exists=None, header=header, if_unset=if_unset, expression=None,
+                matches_empty=compiled.search("") is not None, **common)
+
+
+def _meta_order(metas: dict[str, Rule], location_of: Any) -> list[Rule]:
+    """Metas in an order where each comes after the metas it refers to; refuses cycles."""
+    from filterd.ruleset import RulesetError
+    order: list[Rule] = []
+    state: dict[str, int] = {}     # 1 visiting, 2 done
+
+    def visit(name: str, chain: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = " -> ".join(chain[chain.index(name):] + [name])
+            raise RulesetError(location_of(f"rule.{name}.expression"),
+                               f"rule.{name}.expression", f"meta rules refer in a cycle: {cycle}")
+        state[name] = 1
+        rule = metas[name]
+        assert rule.expression is not None
+        for ref in sorted(rule.expression.references):
+            if ref in metas:
+                visit(ref, chain + [name])
+        state[name] = 2
+        order.append(rule)
+
+    for name in metas:
+        visit(name, [])
+    return order
+
+
+def compile_ruleset(ruleset: Any) -> Engine:
+    """Compile every enabled [rule.NAME] of a loaded Ruleset; RulesetError on the first error."""
+    from filterd.ruleset import RulesetError
+    compiled: list[Rule] = []
+    for name, entry in ruleset.rules.items():
+        if entry.get("enabled", True) is False:
+            continue
+        try:
+            compiled.append(compile_rule(name, entry, ruleset.location_of(f"rule.{name}")))
+        except CompileError as exc:
+            where = f"rule.{exc.rule}.{exc.field}" if not exc.field.startswith("(") \
+                else f"rule.{exc.rule}"
+            raise RulesetError(ruleset.location_of(where), where, exc.problem) from None
+    by_name: dict[str, Rule] = {r.name: r for r in compiled}
+    groups: dict[str, _Group] = {}
+    exists_rules: list[Rule] = []
+    metas: dict[str, Rule] = {}
+    for rule in compiled:
+        if rule.kind == "meta":
+            metas[rule.name] = rule
+        elif rule.exists is not None:
+            exists_rules.append(rule)
+        else:
+            groups.setdefault(rule.target, _Group(rule.target, multi=rule.kind == "uri")
+                              ).rules.append(rule)
+    meta_order = _meta_order(metas, ruleset.location_of)
+    for group in groups.values():
+        _build_group_db(group)
+    return Engine(by_name, groups, exists_rules, meta_order)
