@@ -1,152 +1,81 @@
-"""The quarantine: durable storage of messages that are not delivered.
+"""The quarantine: durable storage of messages that are not delivered, and what admins do with it.
 
-This module holds the storage interface and the embedded spool. A message is durable when
-put() returns: the raw bytes and the JSON sidecar are each written to a tmp file, fsynced and
-renamed into place (sidecar last), and the directory is fsynced. Callers (both front ends)
-tempfail the message when put() raises, so nothing is ever dropped.
+Trusts: the spool directory (quarantine.dir); callers (both front ends) tempfail the message
+when put() raises, so nothing is ever dropped: put() returns only after the message and its
+sidecar are fsynced and renamed into place.
+Reads: quarantine.* (see filterd/config), daemon.state_dir.
+Emits: no symbols.
+
+Modules: store (interface, values, ID rules, categories), spool (the embedded backend: files +
+sidecars), index (SQLite WAL index, rebuildable), service (release/expire/show), notify (admin
+notices and recipient digests). The on-disk contract is quarantine/README.md at the top of the
+repository. `maintenance()` is the daemon's periodic task: reconcile the index with the newest
+sidecars, expire old items, send due notifications.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import secrets
+import logging
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from filterd.message import Envelope
-from filterd.policy import Verdict
+from filterd.quarantine.spool import SpoolStore, new_id, write_durably
+from filterd.quarantine.store import (
+    CATEGORIES, SCHEMA_VERSION, STATES, InvalidId, Item, NoSuchItem, QuarantineError,
+    QuarantineStore, Query, ReindexReport, StoredItem, category_of, check_id, sidecar)
 
-CATEGORIES = ("spam", "virus", "banned", "bad-header", "policy")
+log = logging.getLogger("filterd.quarantine")
 
+MAINTENANCE_INTERVAL = 300.0  # seconds between runs of maintenance() inside the daemon
 
-class QuarantineError(Exception):
-    """The quarantine could not store or read an item (the message must be tempfailed)."""
-
-
-def category_of(verdict: Verdict) -> str:
-    """Which quarantine category a verdict belongs to (for `list --reason`)."""
-    names = verdict.symbol_names
-    if any(n == "CLAM_VIRUS" for n in names):
-        return "virus"
-    if any(n.startswith("BANNED_") for n in names):
-        return "banned"
-    if verdict.is_spam or verdict.score >= verdict.required:
-        return "spam"
-    if any(n.startswith(("HEADER_", "MIME_")) for n in names) and verdict.reason.startswith(
-            ("HEADER_", "MIME_")):
-        return "bad-header"
-    return "policy"
+_stores: dict[Path, SpoolStore] = {}
+_stores_lock = threading.Lock()
 
 
-@dataclass(frozen=True, slots=True)
-class StoredItem:
-    id: str
-    path: Path
-    created: bool  # False when an identical item (same queue ID and digest) already existed
+def open_store(settings: Any) -> SpoolStore:
+    """The store for these settings; one instance per directory and process (it holds the
+    index connection)."""
+    directory = Path(settings.quarantine_dir)
+    with _stores_lock:
+        store = _stores.get(directory)
+        if store is None:
+            store = _stores[directory] = SpoolStore(directory)
+            try:
+                # a crash between a sidecar's rename and its index row leaves the row out;
+                # pick such items up once per process, before anyone lists
+                added = store.reconcile(days=2)
+                if added:
+                    log.info("quarantine index: added %d item(s) missing after a crash", added)
+            except (OSError, QuarantineError) as exc:
+                log.error("quarantine %s not usable yet: %s", directory, exc)
+            except Exception as exc:  # sqlite3.Error and friends: the index is derived data
+                log.error("quarantine index %s not usable (run `filterd quarantine reindex`): "
+                          "%s", directory, exc)
+        return store
 
 
-class QuarantineStore(Protocol):
-    def put(self, raw: bytes, envelope: Envelope, verdict: Verdict,
-            category: str | None = None) -> StoredItem: ...
+def maintenance(settings: Any) -> dict[str, int]:
+    """The daemon's periodic quarantine job; returns what it did (for logs and tests)."""
+    store = open_store(settings)
+    done = {"indexed": 0, "expired": 0, "notices": 0, "digests": 0}
+    done["indexed"] = store.reconcile(days=2)
+    expired = store.expire(time.time() - settings.quarantine.retention_days * 86400)
+    done["expired"] = len(expired)
+    if expired:
+        log.info("quarantine expiry removed %d item(s) older than %d days", len(expired),
+                 settings.quarantine.retention_days)
+    from filterd.quarantine import notify
+    sent = notify.run(settings, store)
+    done["notices"], done["digests"] = sent.notices, sent.digests
+    for key in ("indexed", "notices", "digests"):
+        if done[key]:
+            log.info("quarantine maintenance: %s=%d", key, done[key])
+    return done
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes, mode: int = 0o640) -> None:
-    """tmp -> write -> fsync -> rename; the caller fsyncs the directory."""
-    tmp = path.with_name(f".tmp.{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-
-
-def new_id(now: float | None = None) -> str:
-    """Sortable, unguessable item ID: UTC time + 10 random hex digits, e.g. 20261122T101500-3f9a..."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now or time.time()))
-    return f"{stamp}-{secrets.token_hex(5)}"
-
-
-class SpoolStore:
-    """Embedded quarantine: <dir>/<yyyymmdd>/<id>.eml + <id>.json."""
-
-    def __init__(self, directory: Path):
-        self.dir = Path(directory)
-
-    def _ensure(self, path: Path) -> None:
-        path.mkdir(mode=0o750, parents=True, exist_ok=True)
-
-    def put(self, raw: bytes, envelope: Envelope, verdict: Verdict,
-            category: str | None = None) -> StoredItem:
-        digest = hashlib.sha256(raw).hexdigest()
-        key = f"{envelope.queue_id or '-'}:{digest}"
-        try:
-            self._ensure(self.dir)
-            index_dir = self.dir / "by-key"
-            self._ensure(index_dir)
-            marker = index_dir / hashlib.sha1(key.encode()).hexdigest()
-            if envelope.queue_id and marker.exists():
-                item_id = marker.read_text().strip()
-                return StoredItem(item_id, self.dir / item_id[:8] / f"{item_id}.eml", False)
-            item_id = new_id()
-            day = self.dir / item_id[:8]
-            self._ensure(day)
-            eml = day / f"{item_id}.eml"
-            write_durably(eml, raw)
-            meta = sidecar(item_id, raw, digest, envelope, verdict, category or category_of(verdict))
-            write_durably(day / f"{item_id}.json", json.dumps(meta, indent=1).encode())
-            _fsync_dir(day)
-            if envelope.queue_id:
-                write_durably(marker, item_id.encode())
-                _fsync_dir(index_dir)
-            return StoredItem(item_id, eml, True)
-        except OSError as exc:
-            raise QuarantineError(f"cannot store in {self.dir}: {exc.strerror or exc}") from exc
-
-
-def sidecar(item_id: str, raw: bytes, digest: str, envelope: Envelope, verdict: Verdict,
-            category: str) -> dict[str, Any]:
-    return {
-        "schema": 1,
-        "id": item_id,
-        "state": "held",
-        "category": category,
-        "time": time.time(),
-        "size": len(raw),
-        "sha256": digest,
-        "mail_from": envelope.mail_from,
-        "rcpt_tos": list(envelope.rcpt_tos),
-        "client_ip": envelope.client_ip,
-        "client_helo": envelope.client_helo,
-        "queue_id": envelope.queue_id,
-        "listener": envelope.listener,
-        "action": verdict.action.value,
-        "score": verdict.score,
-        "reason": verdict.reason,
-        "symbols": [{"name": s.name, "score": s.score, "options": list(s.options)}
-                    for s in verdict.symbols],
-        "virus_names": list(verdict.virus_names),
-    }
-
-
-def open_store(settings: Any) -> QuarantineStore:
-    return SpoolStore(settings.quarantine_dir)
+__all__ = ["CATEGORIES", "STATES", "SCHEMA_VERSION", "QuarantineError", "InvalidId", "NoSuchItem",
+           "QuarantineStore", "SpoolStore", "StoredItem", "Item", "Query", "ReindexReport",
+           "category_of", "check_id", "sidecar", "new_id", "write_durably", "open_store",
+           "maintenance", "MAINTENANCE_INTERVAL"]
