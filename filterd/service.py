@@ -2,6 +2,7 @@
 
 Trusts: the front end for the envelope (it has already applied XFORWARD/peer checks).
 Reads: scan.*, daemon.max_concurrent_scans, smtp.reject_action, milter.quarantine_reply,
+quarantine.quarantine_on_reject,
 scan.mynetworks (originating mail), the rule set.
 
 `Scanner.scan()` gives an Outcome (view, verdict, header edits); `Scanner.dispose()` turns it
@@ -24,7 +25,9 @@ from filterd import pipeline
 from filterd.actions.headers import HeaderEdits, apply_to_bytes, build_edits
 from filterd.message import Envelope, MessageView, parse
 from filterd.policy import Action, Symbol, Verdict, decide
+from filterd.quarantine import MAINTENANCE_INTERVAL as quarantine_maintenance_interval
 from filterd.quarantine import QuarantineError, category_of, open_store
+from filterd.quarantine import maintenance as quarantine_maintenance
 from filterd.ruleset import Ruleset, load as load_ruleset
 
 log = logging.getLogger("filterd.service")
@@ -40,7 +43,9 @@ AFTER_SCAN_HOOKS: list[Callable[["Outcome", "Disposition"], Any]] = []
 FINAL_HEADER_HOOKS: list[Callable[[bytes, "Outcome"], list[tuple[str, str]]]] = []
 # Background jobs the daemon runs: (interval in seconds, fn(settings) -> None) (quarantine
 # expiry, Bayes expiry...). They run in a worker thread; errors are logged, never fatal.
-PERIODIC_TASKS: list[tuple[float, Callable[[Any], Any]]] = []
+PERIODIC_TASKS: list[tuple[float, Callable[[Any], Any]]] = [
+    (quarantine_maintenance_interval, quarantine_maintenance),  # index reconcile, expiry, notices
+]
 
 
 @dataclass
@@ -161,13 +166,14 @@ class Scanner:
         if frontend == "smtp" and action is Action.REJECT:
             # A 5xx after queue makes Postfix bounce to a probably forged sender.
             action = Action(self.settings.smtp.reject_action)
-        if action is Action.REJECT and verdict.virus_names:
-            quarantine_also = True  # keep a copy of rejected viruses (quarantine issue refines)
+        category = category_of(verdict)
+        if action is Action.REJECT and category in self.settings.quarantine.quarantine_on_reject:
+            quarantine_also = True  # a rejected virus/banned file keeps a copy for the admin
         if action is Action.QUARANTINE or quarantine_also:
             try:
                 item = await asyncio.get_running_loop().run_in_executor(
                     None, self.quarantine.put, outcome.view.raw, outcome.view.envelope, verdict,
-                    category_of(verdict))
+                    category)
             except (QuarantineError, OSError) as exc:
                 log.error("quarantine failed, tempfailing: %s", exc)
                 fail_action = outcome.ruleset.policy.failures.get("store_unavailable",

@@ -17,6 +17,7 @@ COMMANDS = (
     "filterd.cli.scan",
     "filterd.cli.config",
     "filterd.cli.control",
+    "filterd.cli.quarantine",
 )
 
 EPILOG = """\

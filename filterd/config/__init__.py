@@ -142,6 +142,28 @@ SETTINGS: tuple[Setting, ...] = (
             "Days a quarantined message is kept before expiry.", minimum=1),
     Setting("quarantine.release_via", "hostport", "127.0.0.1:10026",
             "Postfix listener with no filters that takes released messages."),
+    Setting("quarantine.release_timeout", "float", 60.0,
+            "Seconds one release (or notification) may take talking to release_via.", minimum=1),
+    Setting("quarantine.release_header", "str", "X-Filterd-Released",
+            "Header added to a released message (ID, who, when); '' adds none. Nothing else "
+            "of the stored message changes."),
+    Setting("quarantine.quarantine_on_reject", "list", ["virus", "banned"],
+            "Categories (spam, virus, banned, bad-header, policy) of which a rejected message "
+            "also keeps a quarantined copy."),
+    Setting("quarantine.notify_admin", "str", "",
+            "Address that gets a notice for each item of notify_categories; '' sends none."),
+    Setting("quarantine.notify_categories", "list", ["virus", "banned"],
+            "Categories that trigger an admin notice."),
+    Setting("quarantine.notify_from", "str", "",
+            "From: of notices and digests; '' means postmaster@<daemon.hostname>."),
+    Setting("quarantine.notify_via", "str", "",
+            "Listener (HOST:PORT) for notices and digests; '' means release_via."),
+    Setting("quarantine.digest_hours", "int", 0,
+            "Hours between digests to each recipient listing their held items; 0 sends none.",
+            minimum=0),
+    Setting("quarantine.templates", "str", "",
+            "TOML file overriding the built-in notice/digest templates key by key; '' keeps "
+            "them."),
     # --- control socket ------------------------------------------------------------------
     Setting("control.socket", "str", "",
             "Unix socket (0600) for `filterd reload|status`; '' means <state_dir>/control.sock."),
