@@ -57,6 +57,8 @@ class Outcome:
     originating: bool
     ruleset: Ruleset
     failure: str | None = None
+    # per-message notes the checks left (e.g. "rule_matches" for `filterd scan --explain`)
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -155,7 +157,8 @@ class Scanner:
         edits = build_edits(view, verdict, self.settings, subject_tag=ruleset.policy.subject_tag,
                             originating=originating)
         timings["total"] = time.perf_counter() - started
-        return Outcome(view, verdict, edits, timings, originating, ruleset, failure)
+        return Outcome(view, verdict, edits, timings, originating, ruleset, failure,
+                       notes=ctx.notes)
 
     # --- disposition ---------------------------------------------------------------------
     async def dispose(self, outcome: Outcome, frontend: str) -> Disposition:

@@ -18,6 +18,7 @@ COMMANDS = (
     "filterd.cli.config",
     "filterd.cli.control",
     "filterd.cli.quarantine",
+    "filterd.cli.rules",
 )
 
 EPILOG = """\

@@ -3,6 +3,8 @@
 Prints per message the action, score, every symbol with its score, and the headers that would
 be added; with --json one object per line:
   {"path", "action", "score", "symbols": [{"name", "score", "options"}], "headers", "reason"}
+--explain adds, for every symbol, the text a rule matched and where the rule is defined
+(file:line); in JSON as "match" and "location" of each symbol.
 Nothing is quarantined, reinjected or learned.
 """
 
@@ -28,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="envelope sender")
     p.add_argument("--rcpt", action="append", default=[], metavar="ADDR",
                    help="envelope recipient (repeatable)")
+    p.add_argument("--explain", action="store_true",
+                   help="for every symbol: the matched text, its score and the rule's source")
     p.set_defaults(func=run)
 
 
@@ -41,11 +45,36 @@ def result_record(name: str, outcome: Any) -> dict[str, Any]:
             "symbols": symbol_table(verdict), "headers": headers, "reason": verdict.reason}
 
 
+def explain_record(record: dict[str, Any], outcome: Any) -> None:
+    """Add to each symbol the excerpt its rule matched and where it is defined."""
+    matches = outcome.notes.get("rule_matches", {})
+    ruleset = outcome.ruleset
+    engine = getattr(ruleset, "engine", None)
+    for sym in record["symbols"]:
+        name = sym["name"]
+        rule = engine.rules.get(name) if engine is not None else None
+        if rule is not None:
+            sym["location"] = rule.location
+        elif name in ruleset.symbols:
+            sym["location"] = ruleset.symbols[name].source
+        else:
+            sym["location"] = "(undeclared)"
+        if name in matches:
+            sym["match"] = matches[name]
+        elif name == "RULE_ERROR" and sym["options"] and engine is not None \
+                and sym["options"][0] in engine.rules:
+            sym["location"] = engine.rules[sym["options"][0]].location
+
+
 def _print_text(record: dict[str, Any], describe: Any) -> None:
     print(f"{record['path']}: {record['action']} score={record['score']:g} ({record['reason']})")
     for sym in record["symbols"]:
         opts = f" [{', '.join(sym['options'])}]" if sym["options"] else ""
         print(f"  {sym['score']:>8.3f}  {sym['name']}{opts}  -- {describe(sym['name'])}")
+        if "location" in sym:
+            print(f"            at {sym['location']}")
+        if "match" in sym:
+            print(f"            matched: {sym['match']}")
     for name, value in record["headers"]:
         print(f"  + {name}: {value}")
 
@@ -77,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             outcome = await scanner.scan(item.data, envelope, skip_network=args.offline)
             record = result_record(item.name, outcome)
+            if args.explain:
+                explain_record(record, outcome)
             if args.json:
                 print(json.dumps(record))
             else:
