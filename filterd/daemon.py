@@ -123,6 +123,8 @@ class Daemon:
         if settings.milter.enabled:
             from filterd.frontends import milter
             self.milter_thread = milter.run(self.scanner, loop)
+        from filterd import metrics as metrics_mod
+        metrics = metrics_mod.start(settings)  # None when metrics.listen = ''
         periodic = [asyncio.create_task(self._every(interval, task))
                     for interval, task in PERIODIC_TASKS]
         log.info("filterd %s ready (state %s)", __version__, settings.state_dir)
@@ -130,6 +132,7 @@ class Daemon:
         for task in periodic:
             task.cancel()
         log.info("stopping")
+        metrics_mod.stop(metrics)
         control.close()
         if self.smtp_server is not None:
             self.smtp_server.close()

@@ -19,6 +19,8 @@ COMMANDS = (
     "filterd.cli.control",
     "filterd.cli.quarantine",
     "filterd.cli.rules",
+    "filterd.cli.replay",
+    "filterd.cli.health",
 )
 
 EPILOG = """\
