@@ -21,6 +21,7 @@ COMMANDS = (
     "filterd.cli.rules",
     "filterd.cli.replay",
     "filterd.cli.health",
+    "filterd.cli.dkim",
 )
 
 EPILOG = """\

@@ -59,6 +59,8 @@ CHECK_MODULES = (
     "filterd.checks.sanity",
     "filterd.checks.gtube",
     "filterd.ruleset.check",
+    "filterd.checks.dnsbl",
+    "filterd.checks.auth",
 )
 
 
