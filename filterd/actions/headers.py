@@ -95,7 +95,14 @@ def build_edits(view: MessageView, verdict: Verdict, settings: Any, *, subject_t
             add.append(("X-Spam-Level", "*" * stars))
         add.append(("X-Spam-Status", spam_status(verdict)))
     for builder in HEADER_BUILDERS:
-        add.extend(builder(view, verdict, settings))
+        for name, value in builder(view, verdict, settings):
+            if name.lower() == "x-virus-scanned":
+                # a builder that knows the scan was partial ("unchecked", "skipped (size)")
+                # replaces the default value in place, keeping amavis' header order
+                add = [(n, value if n.lower() == "x-virus-scanned" else v) for n, v in add]
+                if any(n.lower() == "x-virus-scanned" for n, _ in add):
+                    continue
+            add.append((name, value))
     subject = None
     had_subject = view.has_header("Subject")
     if verdict.is_spam and subject_tag and verdict.action in (Action.SPAM, Action.TAG,

@@ -59,6 +59,8 @@ CHECK_MODULES = (
     "filterd.checks.sanity",
     "filterd.checks.gtube",
     "filterd.ruleset.check",
+    "filterd.checks.antivirus",
+    "filterd.checks.banned",
     "filterd.checks.dnsbl",
     "filterd.checks.auth",
 )
