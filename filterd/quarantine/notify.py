@@ -21,6 +21,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any, Mapping
@@ -83,7 +84,7 @@ def _send(settings: Any, to: str, subject: str, body: str) -> None:
     msg.set_content(body)
     via = settings.quarantine.notify_via or settings.quarantine.release_via
     # envelope sender <> so a failing notice never bounces back into a loop
-    send(Target.parse(via), "", [to], msg.as_bytes(), timeout=settings.quarantine.release_timeout,
+    send(Target.parse(via), "", [to], msg.as_bytes(policy=SMTP_POLICY), timeout=settings.quarantine.release_timeout,
          helo=settings.hostname)
 
 

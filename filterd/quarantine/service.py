@@ -80,6 +80,12 @@ def add_release_header(raw: bytes, name: str, value: str) -> bytes:
     return f"{name}: {clean}".encode("ascii") + eol + raw
 
 
+def wire_form(data: bytes) -> bytes:
+    """CRLF line ends for SMTP (a spool written from a bare-LF source keeps its bytes on disk;
+    Postfix stores lines, so the delivered message is the same either way)."""
+    return re.sub(rb"(?<!\r)\n", b"\r\n", data)
+
+
 def release(store: QuarantineStore, settings: Any, item_id: str, *, by: str,
             to: Sequence[str] = (), force: bool = False,
             sender: Callable[..., str] = send) -> Released:
@@ -108,7 +114,7 @@ def release(store: QuarantineStore, settings: Any, item_id: str, *, by: str,
         now = time.time()
         header_value = (f"{item_id} by {by} at "
                         f"{email.utils.formatdate(now, localtime=False, usegmt=True)}")
-        data = add_release_header(raw, q.release_header, header_value)
+        data = wire_form(add_release_header(raw, q.release_header, header_value))
         previous = item.state
 
         def begin(meta: dict[str, Any]) -> None:
