@@ -159,7 +159,7 @@ def _bound_lookup(ctx: ScanContext, loop: asyncio.AbstractEventLoop) -> Callable
     def lookup(name: str, qtype: str) -> DnsAnswer:
         future = asyncio.run_coroutine_threadsafe(ctx.dns.query(name, qtype, ctx=ctx), loop)
         # the resolver bounds each query itself; this is only a backstop
-        return future.result(timeout=max(ctx.remaining(), 0.1) + 1.0)
+        return future.result(timeout=max(ctx.deadline - loop.time(), 0.1) + 1.0)
     return lookup
 
 
