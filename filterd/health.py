@@ -191,16 +191,18 @@ def probe_clamd(settings: Any) -> tuple[bool | None, str]:
 
 def _dnsbl_zones(settings: Any) -> list[tuple[str, tuple[str, ...]]]:
     """(zone, blocked codes) of every enabled IP DNS list in the rule set."""
-    from filterd.ruleset import RulesetError, load
+    from filterd.ruleset import RulesetError, load_raw
     try:
-        ruleset = load(settings.rules_dir, settings.site_rules_dir)
+        # the raw tables are enough here: compiling every pattern rule would cost seconds
+        merged = load_raw(settings.rules_dir, settings.site_rules_dir)[0]
     except RulesetError:
         return []
     zones = []
-    for binding in ruleset.bindings:
-        args = binding.args
-        if (binding.enabled and "zone" in args and "ip" in binding.function
-                and "dnsbl" in binding.function):
+    for name, entry in merged.get("check", {}).items():
+        args = entry.get("args", {}) if isinstance(entry, dict) else {}
+        function = str(entry.get("function", name)) if isinstance(entry, dict) else ""
+        if (entry.get("enabled", True) and isinstance(args, dict) and "zone" in args
+                and "dnsbl" in function and "ip" in function):
             zones.append((str(args["zone"]), tuple(str(c) for c in args.get("blocked_codes", ()))))
     return zones
 

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
+                               disable_created_metrics)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -46,7 +47,8 @@ log = logging.getLogger("filterd.metrics")
 # the check timeouts, the whole message up to scan.deadline.
 PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                  30.0, 60.0)
-SCORE_BUCKETS = (-5.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0, 100.0)
+# no negative bucket: prometheus_client then drops _sum; negative scores land in le="0"
+SCORE_BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0, 100.0)
 SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
 
 
@@ -152,6 +154,7 @@ class Metrics:
 
     def __init__(self, settings: Any, registry: CollectorRegistry | None = None):
         self.settings = settings
+        disable_created_metrics()  # no *_created series: they double the output for nothing
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.messages = Counter("filterd_messages", "Messages scanned, by the policy's action",
