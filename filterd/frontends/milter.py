@@ -96,6 +96,11 @@ class FilterMilter(Milter.Base):
         self.headers.append(name + b": " + value + b"\r\n")
         return Milter.CONTINUE
 
+    def header(self, name: str, value: str) -> int:
+        # pymilter asks the MTA to skip the header stage (P_NOHDRS) unless `header` itself is
+        # overridden; the bytes entry point above is the one runmilter calls.
+        return self.header_bytes(name, value.encode("utf-8", "surrogateescape"))
+
     @Milter.noreply
     def eoh(self) -> int:
         return Milter.CONTINUE
