@@ -18,6 +18,7 @@ Config: `overrides` are settings by dotted key ("scan.deadline") or as nested ta
 `service_overrides(clamd=, dns=)` maps the harness's services to filterd settings,
 for the keys this filterd version has (see SERVICE_KEYS).
 
+Start-up waits up to $FILTERD_TEST_START_TIMEOUT seconds (default 120) for both listeners.
 Command line: `filterd --config FILE --state-dir DIR serve` (the console script next to
 this Python, else `python -m filterd`).
 """
@@ -46,6 +47,9 @@ SERVICE_KEYS: tuple[tuple[str, str, Any], ...] = (
     ("dns", "dns.nameservers", lambda d: [d.host]),
     ("dns", "dns.port", lambda d: d.port),
 )
+
+
+START_TIMEOUT_ENV = "FILTERD_TEST_START_TIMEOUT"    # seconds filterd may take to listen
 
 
 def known_keys() -> set[str]:
@@ -138,7 +142,7 @@ class FilterdDaemon:
     def __init__(self, overrides: Mapping[str, Any] | None = None, *,
                  milter_port: int | None = None, smtp_port: int | None = None,
                  reinject_port: int | None = None, release_port: int | None = None,
-                 milter: bool = True, smtp: bool = True, start_timeout: float = 60.0,
+                 milter: bool = True, smtp: bool = True, start_timeout: float | None = None,
                  env: Mapping[str, str] | None = None):
         self.milter_port = milter_port or free_port()
         self.smtp_port = smtp_port or free_port()
@@ -148,7 +152,7 @@ class FilterdDaemon:
         self.milter_enabled = milter
         self.smtp_enabled = smtp
         self.overrides = dict(overrides or {})
-        self.start_timeout = start_timeout
+        self.start_timeout = start_timeout or float(os.environ.get(START_TIMEOUT_ENV, 120))
         self.env = dict(env or {})
         self.dir: Path | None = None
         self.proc: subprocess.Popen | None = None

@@ -270,6 +270,8 @@ class PostfixInstance:
         self._postfix = require_binary("postfix", "postfix")
         self._postqueue = require_binary("postqueue", "postfix")
         self._postsuper = require_binary("postsuper", "postfix")
+        if self.running:
+            return self
         if self.dir is None:
             self.dir = private_dir("postfix")
         try:
