@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import smtplib
 import subprocess
 import time
@@ -51,12 +52,22 @@ def message(n: int, from_addr: bytes = b"alice@sender.test") -> bytes:
     return MESSAGE.replace(b"{n}", str(n).encode()).replace(b"alice@sender.test", from_addr)
 
 
+# The rule files these tests need: the core, the DNS lists and authentication. Other families'
+# pattern-rule packs are left out so the daemon starts in seconds (their database compile takes
+# a minute on a loaded 2-core machine) and their scores cannot tip these verdicts.
+RULE_FILES = ("actions.toml", "core.toml", "scores.toml", "dnsbl.toml", "auth.toml")
+
+
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("dnsauth-site")
-    (d / "local.d").mkdir()
-    (d / "local.d" / "dnsbl-test.toml").write_text(LOCAL_RULES)
-    return d
+def rules_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    from filterd.config import PROJECT_RULES
+    shipped = tmp_path_factory.mktemp("dnsauth-rules")
+    for name in RULE_FILES:
+        shutil.copy(PROJECT_RULES / name, shipped / name)
+    site = tmp_path_factory.mktemp("dnsauth-site")
+    (site / "local.d").mkdir()
+    (site / "local.d" / "dnsbl-test.toml").write_text(LOCAL_RULES)
+    return shipped, site
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +91,21 @@ def keys_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rig(wired_overrides: dict[str, Any], site: Path, keys_dir: Path) -> Iterator[MailRig]:
+def rig(wired_overrides: dict[str, Any], rules_dirs: tuple[Path, Path],
+        keys_dir: Path) -> Iterator[MailRig]:
     ok, why = filterd_available()
     if not ok:
         pytest.skip(why)
-    overrides = {**wired_overrides, "rules.site_dir": str(site), "scan.deadline": 6.0,
+    shipped, site = rules_dirs
+    overrides = {**wired_overrides, "rules.dir": str(shipped), "rules.site_dir": str(site),
+                 "scan.deadline": 6.0,
                  "scan.mynetworks": [f"{INSIDE}/32"], "dkim.keys_dir": str(keys_dir),
-                 "dkim.authserv_id": "filterd.test.example", "dns.timeout": 1.0}
-    r = MailRig("milter", filterd_overrides=overrides,
+                 "dkim.authserv_id": "filterd.test.example", "dns.timeout": 1.0,
+                 # each test programs its own zone: answers must not outlive a test
+                 "dns.cache_size": 0}
+    # after-queue: the milter front end currently negotiates "no headers" with Postfix (see
+    # the report of issue 7), so DKIM could not be verified there
+    r = MailRig("after-queue", filterd_overrides=overrides,
                 postfix_main_cf={"smtpd_authorized_xclient_hosts": "127.0.0.0/8"})
     try:
         r.start()
@@ -134,12 +152,18 @@ def served(zone, rsa_public: str) -> None:
     zone.add("_dmarc.sender.test", "TXT", "v=DMARC1; p=reject")
 
 
-def test_listed_client_is_rejected_with_the_list_symbol(mta, dns_server):
+def test_listed_client_gets_the_list_symbol_and_configured_action(mta, dns_server):
+    """The forced action is reject; after queue that means quarantine (smtp.reject_action),
+    so Postfix never bounces to a forged sender."""
     dns_server.listed("zen.test", LISTED)
     code, text = send_as(mta, LISTED, message(1), "alice@sender.test")
-    assert code == 550 and "5.7.1" in text, (code, text, mta.logs())
+    assert code == 250, (code, text)
+    mta.wait_queue_empty()
     assert dns_server.queried("66.2.0.192.zen.test", "A")
-    assert "RCVD_IN_TEST_SBL" in mta.filterd.log()
+    log = mta.filterd.log()
+    line = next(l for l in log.splitlines() if "client=" + LISTED in l)
+    assert "RCVD_IN_TEST_SBL" in line and "verdict=reject" in line, line
+    assert "action=discard" in line and "quarantine=-" not in line, line
     assert mta.mailbox("user") == []
 
 
@@ -175,7 +199,8 @@ def test_tampered_message_fails_dkim(mta, dns_server, rsa_key):
     [delivered] = mta.wait_delivered("user", 1)
     ar = re.sub(r"\s+", " ", headers_of(delivered))
     assert "dkim=fail" in ar and "spf=fail" in ar and "dmarc=fail (p=reject)" in ar
-    assert "DKIM_INVALID" in mta.filterd.log() and "DMARC_REJECT" in mta.filterd.log()
+    line = next(l for l in mta.filterd.log().splitlines() if "client=192.0.2.77" in l)
+    assert "DKIM_INVALID" in line and "DMARC_REJECT" in line, line
 
 
 def test_outbound_mail_leaves_signed_and_verifies_against_served_key(mta, dns_server,
@@ -196,15 +221,39 @@ def test_outbound_mail_leaves_signed_and_verifies_against_served_key(mta, dns_se
     assert not dkim.verify(delivered.replace(b"numbers", b"letters"), dnsfunc=dnsfunc)
 
 
+def scan_line(rig: MailRig, client: str, timeout: float = 30.0) -> str:
+    """filterd's log line for the message from `client`, waiting for the scan to happen."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for line in rig.filterd.log().splitlines():
+            if "filterd.message" in line and f"client={client} " in line:
+                return line
+        time.sleep(0.1)
+    raise AssertionError(f"no scan of a message from {client}\n{rig.logs()}")
+
+
 def test_dead_dns_still_delivers_within_deadline(mta, dns_server):
     dns_server.listed("zen.test", "192.0.2.88")
     with dns_server.dead():
-        started = time.monotonic()
         code, text = send_as(mta, "192.0.2.88", message(5), "alice@sender.test")
-        took = time.monotonic() - started
-    assert code == 250, (code, text)
-    assert took < 6.0 + 1.0 + 1.0          # the deadline plus one second (plus SMTP itself)
+        assert code == 250, (code, text)
+        line = scan_line(mta, "192.0.2.88")      # scanned while the DNS server was dead
+    took_ms = float(re.search(r" ms=([0-9.]+)", line).group(1))
+    assert took_ms < (6.0 + 1.0) * 1000, line    # the deadline plus one second
+    assert "DNS_TIMEOUT(0)" in line and "verdict=accept" in line, line
+    assert "RCVD_IN_TEST_SBL" not in line
     [delivered] = mta.wait_delivered("user", 1)
     assert b"X-Spam-Flag: YES" not in delivered
-    log = mta.filterd.log()
-    assert "DNS_TIMEOUT(0)" in log, mta.filterd.log_tail()
+
+
+def test_slow_dns_still_delivers_within_deadline(mta, dns_server):
+    slow_client = "192.0.2.99"                       # a client no other test uses
+    dns_server.add("sender.test", "TXT", f"v=spf1 ip4:{slow_client} -all")
+    with dns_server.slow(5.0):
+        assert send_as(mta, slow_client, message(6), "alice@sender.test")[0] == 250
+        line = scan_line(mta, slow_client)
+    took_ms = float(re.search(r" ms=([0-9.]+)", line).group(1))
+    assert took_ms < (6.0 + 1.0) * 1000, line
+    assert "DNS_TIMEOUT(0)" in line and "verdict=accept" in line, line
+    assert re.search(r" score=0(\.0+)? ", line), line       # no false positive
+    mta.wait_delivered("user", 1)
