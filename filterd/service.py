@@ -213,31 +213,58 @@ class Scanner:
         return Disposition(Action.ACCEPT, 250, "2.0.0", "Ok", edits=edits)
 
     def log_message(self, outcome: Outcome, disposition: Disposition, frontend: str) -> None:
-        """One structured line per message (log.format kv or json)."""
-        env = outcome.view.envelope
-        verdict = outcome.verdict
+        """One structured line per message (log.format kv or json), then AFTER_SCAN_HOOKS."""
         self.counters[disposition.action.value] = self.counters.get(disposition.action.value, 0) + 1
-        record = {
-            "queue_id": env.queue_id or "-", "frontend": frontend,
-            "client": env.client_ip or "-", "helo": env.client_helo or "-",
-            "from": env.mail_from or "<>", "rcpt": ",".join(env.rcpt_tos) or "-",
-            "size": outcome.view.size, "verdict": verdict.action.value,
-            "action": disposition.action.value, "score": verdict.score,
-            "symbols": ",".join(f"{s.name}({s.score:g})" for s in verdict.symbols),
-            "reason": verdict.reason, "quarantine": disposition.quarantine_id or "-",
-            "ms": round(outcome.timings.get("total", 0.0) * 1000, 1),
-            "phases": ",".join(f"{k}:{v * 1000:.1f}" for k, v in outcome.timings.items()
-                               if k not in ("total", "parse")),
-        }
-        if self.settings.log.format == "json":
-            msglog.info(json.dumps(record))
-        else:
-            msglog.info(" ".join(f"{k}={_kv(v)}" for k, v in record.items()))
+        record = message_record(outcome, disposition, frontend)
+        try:
+            if self.settings.log.format == "json":
+                line = json.dumps(record)
+            else:
+                line = " ".join(f"{k}={_kv(_flat(k, v))}" for k, v in record.items())
+            # `filterd` carries the fields for structured targets (journald: FILTERD_*)
+            msglog.info(line, extra={"filterd": {k: _flat(k, v) for k, v in record.items()}})
+        except Exception:  # a log line must never cost a message its hooks (metrics, learn)
+            log.exception("cannot log message %s", record.get("queue_id"))
         for hook in AFTER_SCAN_HOOKS:
             try:
                 hook(outcome, disposition)
             except Exception:
                 log.exception("after-scan hook %r failed", hook)
+
+
+def message_record(outcome: Outcome, disposition: Disposition, frontend: str) -> dict[str, Any]:
+    """The fields of the per-message log line, in a fixed order (JSON keeps the types)."""
+    env = outcome.view.envelope
+    verdict = outcome.verdict
+    timings = outcome.timings
+    symbols: dict[str, float] = {}
+    for sym in verdict.symbols:  # a symbol reported twice shows once, with both scores added
+        symbols[sym.name] = round(symbols.get(sym.name, 0.0) + sym.score, 3)
+    return {
+        "queue_id": env.queue_id or "-", "frontend": frontend,
+        "client": env.client_ip or "-", "helo": env.client_helo or "-",
+        "from": env.mail_from or "<>", "rcpt": list(env.rcpt_tos),
+        "message_id": outcome.view.message_id or "-",
+        "size": outcome.view.size, "verdict": verdict.action.value,
+        "action": disposition.action.value, "reply": disposition.reply,
+        "score": verdict.score, "required": verdict.required,
+        "symbols": symbols,
+        "reason": verdict.reason, "quarantine": disposition.quarantine_id or "-",
+        "failure": outcome.failure or "-",
+        "ms": round(timings.get("total", 0.0) * 1000, 1),
+        "phases": {k: round(v * 1000, 1) for k, v in timings.items()
+                   if k not in ("total", "parse")},
+    }
+
+
+def _flat(key: str, value: Any) -> Any:
+    """A field as one key=value token: rcpt a,b; symbols NAME(score),...; phases phase:ms,..."""
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    if isinstance(value, dict):
+        form = "{k}({v:g})" if key == "symbols" else "{k}:{v:g}"
+        return ",".join(form.format(k=k, v=v) for k, v in value.items()) or "-"
+    return value
 
 
 def _kv(value: Any) -> str:

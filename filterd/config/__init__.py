@@ -70,8 +70,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log.level", "choice", "info", "Least severe level logged (debug shows every check).",
             choices=("debug", "info", "warning", "error")),
     Setting("log.target", "choice", "stderr",
-            "Where logs go: stderr (journald picks it up under systemd) or syslog.",
-            choices=("stderr", "syslog")),
+            "Where logs go: stderr (journald picks it up under systemd), syslog, or journald "
+            "(native protocol: each per-message key also becomes a FILTERD_* journal field).",
+            choices=("stderr", "syslog", "journald")),
+    Setting("log.syslog_address", "str", "/dev/log",
+            "Syslog socket path, or HOST:PORT for UDP syslog (log.target = syslog)."),
+    Setting("log.syslog_facility", "choice", "mail", "Syslog facility (log.target = syslog).",
+            choices=("mail", "daemon", "user", "local0", "local1", "local2", "local3", "local4",
+                     "local5", "local6", "local7")),
     # --- rules / policy data -----------------------------------------------------------
     Setting("rules.dir", "str", "",
             "Shipped rule set (never edited); '' means the one installed with filterd."),
