@@ -22,6 +22,8 @@ COMMANDS = (
     "filterd.cli.replay",
     "filterd.cli.health",
     "filterd.cli.dkim",
+    "filterd.cli.learn",
+    "filterd.cli.bayes",
 )
 
 EPILOG = """\

@@ -63,6 +63,7 @@ CHECK_MODULES = (
     "filterd.checks.banned",
     "filterd.checks.dnsbl",
     "filterd.checks.auth",
+    "filterd.checks.bayes",
 )
 
 

@@ -1,0 +1,301 @@
+"""Turn a parsed message into the bounded set of tokens the Bayes classifier learns and reads.
+
+Trusts: nothing in the message. Reads only the `MessageView` (decoded text, HTML as visible text,
+subject, a fixed allow-list of headers, URLs, attachment names/types); no settings of its own:
+the caller passes `max_tokens` (bayes.max_tokens) and `bigrams` (bayes.bigrams).
+Emits no symbols.
+
+What is learned, and why:
+  body words         lower-cased, NFKC-normalised, zero-width characters removed, mixed-script
+                     look-alike letters folded to Latin, letter-spaced words ("v.i.a.g.r.a")
+                     joined; words over 20 characters become a "skip" shape token, long digit
+                     runs a length token (what SpamBayes found: the shape carries the signal).
+  OSB bigrams        optional sparse word pairs inside a 3-word window ("B:w1 w3" skips one);
+                     measured against unigrams in docs/bayes.md.
+  subject            "S:" words (our own "***SPAM***" tag stripped, so a tagged copy of a
+                     message tokenises like the original one and unlearning finds its tokens).
+  headers            only an allow-list, each with its own prefix: From (address, domain, name
+                     words), Reply-To and Return-Path domains, Message-ID domain and shape,
+                     X-Mailer/User-Agent, recipient counts, Date time zone, Content-Type and
+                     charsets, list/reply markers, X-Priority, the last external relay's /16
+                     and HELO shape. Never the verdict headers of other filters (X-Spam-*,
+                     X-Virus-*, X-Barracuda-*, Authentication-Results, ...): an allow-list
+                     cannot learn them by accident (../shared/notes/evaluation.md).
+  URLs               host, registered domain, scheme and path words ("U:", "UD:", "UP:").
+  attachments        file extension and sniffed type ("A:").
+  HTML               the set of tag names used ("H:"), a cheap structure fingerprint.
+
+Corpus obfuscation artifacts ("spamassassin.taint.org", the "zzzz"/"yyyy" address stand-ins of
+the SpamAssassin corpus) are dropped wherever they occur: they identify the collection, not spam.
+The result is a de-duplicated tuple of at most `max_tokens` tokens, in first-seen order.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Iterable
+
+from filterd.message import MessageView
+
+__all__ = ["tokenize", "DEFAULT_MAX_TOKENS", "ARTIFACT_FRAGMENTS"]
+
+DEFAULT_MAX_TOKENS = 3000
+# How much decoded body text is read: the start of a message carries its signal, and the
+# cost of tokenising a huge text part must stay bounded.
+MAX_TEXT_CHARS = 200_000
+MAX_WORD = 20
+MIN_WORD = 3
+MAX_RECEIVED = 8
+# Tokens containing these are artifacts of how the public corpora were collected and
+# anonymised; learning them would measure the corpus, not the mail.
+ARTIFACT_FRAGMENTS = ("taint.org", "zzzz", "yyyy")
+_ARTIFACT = re.compile("|".join(re.escape(f) for f in ARTIFACT_FRAGMENTS))
+
+_INVISIBLE = dict.fromkeys(map(ord, "\u00ad\u200b\u200c\u200d\u200e\u200f\u2060\ufeff\u034f"))
+# Cyrillic and Greek letters that look like Latin ones: folded only inside words that also
+# hold ASCII letters, the usual trick to dodge word filters ("vіagra" with a Cyrillic і).
+_CONFUSABLE = str.maketrans({
+    "а": "a", "е": "e", "о": "o", "р": "p", "с": "c", "у": "y", "х": "x", "і": "i", "ј": "j",
+    "ѕ": "s", "ԁ": "d", "ɡ": "g", "һ": "h", "ӏ": "l", "к": "k", "м": "m", "т": "t", "в": "b",
+    "н": "h", "α": "a", "ο": "o", "ρ": "p", "ν": "v", "τ": "t", "ι": "i", "κ": "k", "υ": "u",
+})
+_HAS_ASCII_LETTER = re.compile(r"[a-z]")
+_NON_ASCII_LETTER = re.compile(r"[^\x00-\x7f]")
+# Four or more single letters/digits joined by one separator: "v.i.a.g.r.a", "f-r-e-e".
+_SPACED_WORD = re.compile(r"(?:\w[.\-*]){3,}\w")
+_SPACED_SEP = re.compile(r"[.\-*]")
+# A word starts and ends with a letter, digit or currency sign and may hold ' . - $ inside:
+# "don't", "$19.99", "e-mail" stay whole; surrounding punctuation falls away.
+_WORD = re.compile(r"[^\W_$][\w'.$€£*\-]*[^\W_'.*\-]|[$€£][\d.,]+\d|[^\W_]")
+_DIGITS = re.compile(r"\d+")
+_SUBJECT_TAG = re.compile(r"^\s*\*{3}\s*spam\s*\*{3}\s*", re.I)
+_HTML_TAG = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,10})\b")
+_ADDR_DOMAIN = re.compile(r"@([A-Za-z0-9.\-]+)")
+_URL_PARTS = re.compile(r"^(?:([a-z]+)://)?([^/:?#]+)(?::\d+)?([^?#]*)?(\?[^#]*)?", re.I)
+_IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
+_PATH_WORD = re.compile(r"[a-z][a-z0-9\-]{2,19}")
+
+
+def _words(text: str) -> list[str]:
+    """The normalised words of a text, each reduced to a token (or a shape token)."""
+    if len(text) > MAX_TEXT_CHARS:
+        text = text[:MAX_TEXT_CHARS]
+    ascii_only = text.isascii()
+    if not ascii_only:
+        text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+    text = text.lower()
+    if "@" in text or "://" in text or "www." in text:
+        # URLs and addresses are tokenised from the parsed URL list, not as words
+        text = " ".join([chunk for chunk in text.split()
+                         if "@" not in chunk and "://" not in chunk and "www." not in chunk])
+    words = _WORD.findall(text)
+    if not ascii_only:
+        words = [w.translate(_CONFUSABLE) if not w.isascii() and _HAS_ASCII_LETTER.search(w)
+                 else w for w in words]
+    out: list[str] = []
+    append = out.append
+    run: list[str] = []
+    for w in words:
+        n = len(w)
+        if n == 1:
+            run.append(w)  # "f r e e": letters spaced out to dodge word filters
+            continue
+        if run:
+            if len(run) >= 4:
+                append("".join(run))
+            run = []
+        if n < MIN_WORD:
+            continue
+        if n > 6 and w[1] in ".-*" and _SPACED_WORD.fullmatch(w):
+            w = _SPACED_SEP.sub("", w)   # "v.i.a.g.r.a"
+            n = len(w)
+        if n > MAX_WORD:
+            append(f"N:{n}" if w.isdigit() else f"skip:{w[0]}{n // 10 * 10}")
+        elif n > 4 and w.isdigit():
+            append(f"N:{n}")
+        else:
+            append(w)
+    if len(run) >= 4:
+        append("".join(run))
+    return out
+
+
+def _domain_of(host: str) -> str:
+    """The last two labels (three under a two-letter ccTLD with a short second level)."""
+    labels = host.strip(".").split(".")
+    if len(labels) >= 3 and len(labels[-1]) == 2 and len(labels[-2]) <= 3:
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
+
+
+_SHAPE_MAP = str.maketrans("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+                           "9" * 10 + "a" * 26 + "A" * 26)
+_RUNS = re.compile(r"(.)\1+")
+
+
+def _shape(value: str) -> str:
+    """A value's shape: digits as 9, letters as a/A, runs squeezed: "1a2B3c" -> "9a9A9a"."""
+    return _RUNS.sub(r"\1", value[:64].translate(_SHAPE_MAP))[:24]
+
+
+def _bucket(n: int) -> str:
+    return str(n) if n < 5 else ("5-9" if n < 10 else ("10-49" if n < 50 else "50+"))
+
+
+def _header_tokens(view: MessageView) -> Iterable[str]:
+    subject = _SUBJECT_TAG.sub("", view.subject)
+    for w in _words(subject):
+        yield "S:" + w
+    if not subject.strip():
+        yield "S:(empty)"
+    from_value = view.first("From")
+    addr = view.from_address
+    if addr:
+        yield "F:" + addr
+        yield "FD:" + view.from_domain
+        yield "FL:" + _shape(addr.partition("@")[0])
+    name = from_value.split("<", 1)[0] if "<" in from_value else ""
+    for w in _words(name):
+        yield "FN:" + w
+    for header, prefix in (("Reply-To", "RT:"), ("Return-Path", "RP:"), ("Sender", "SE:")):
+        value = view.first(header)
+        if value:
+            m = _ADDR_DOMAIN.search(value)
+            yield prefix + (m.group(1).lower() if m else "(none)")
+    mid = view.message_id
+    if mid:
+        left, _, right = mid.strip().strip("<>").partition("@")
+        yield "MD:" + (right.lower()[:60] or "(none)")
+        yield "MS:" + _shape(left)
+    else:
+        yield "MID:(missing)"
+    for header, prefix in (("X-Mailer", "XM:"), ("User-Agent", "XM:")):
+        value = view.first(header)
+        if value:
+            yield prefix + _DIGITS.sub("9", value.lower())[:60]
+            for w in _words(value):
+                yield prefix + w
+    for header, prefix in (("To", "TO:"), ("Cc", "CC:")):
+        values = view.header(header)
+        if values:
+            n = sum(v.count("@") for v in values)
+            yield f"{prefix}n={_bucket(n)}"
+            if "undisclosed" in values[0].lower():
+                yield prefix + "undisclosed"
+    date = view.first("Date")
+    if date:
+        tz = date.rsplit(None, 1)[-1] if " " in date else date
+        yield "DZ:" + tz[:12]
+        yield "DS:" + _shape(date)
+    else:
+        yield "D:(missing)"
+    for header in ("In-Reply-To", "References", "List-Id", "List-Unsubscribe", "Organization"):
+        if view.has_header(header):
+            yield "HP:" + header.lower()
+    for header in ("Precedence", "X-Priority", "X-MSMail-Priority", "Importance"):
+        value = view.first(header)
+        if value:
+            yield f"HV:{header.lower()}:{value.lower()[:20]}"
+    relay = view.last_external_relay
+    if relay.ip and _IPV4.match(relay.ip):
+        yield "RI:" + ".".join(relay.ip.split(".")[:2])
+    if relay.helo:
+        yield "RH:" + ("ip" if _IPV4.match(relay.helo.strip("[]")) else _shape(relay.helo))
+
+
+def _received_tokens(view: MessageView) -> Iterable[str]:
+    """The relays a message passed: HELO and reverse-DNS domains, /24 networks, per hop."""
+    for hop in view.received[:MAX_RECEIVED]:
+        if hop.from_ip and _IPV4.match(hop.from_ip):
+            if hop.from_ip.startswith("127."):
+                continue
+            yield "R:" + hop.from_ip.rsplit(".", 1)[0]
+        for name in (hop.from_name, hop.from_helo):
+            if name and not _IPV4.match(name.strip("[]")):
+                yield "R:" + _domain_of(name.lower())[:60]
+        if hop.by and not _IPV4.match(hop.by):
+            yield "RB:" + _domain_of(hop.by.lower())[:60]
+
+
+def _part_tokens(view: MessageView) -> Iterable[str]:
+    parts = view.parts
+    yield f"PARTS:{_bucket(len(parts))}"
+    for part in parts:
+        yield "CT:" + part.content_type
+        if part.charset:
+            yield "CS:" + part.charset.lower().strip('"')[:20]
+        if part.transfer_encoding:
+            yield "CTE:" + part.transfer_encoding[:20]
+        if part.is_attachment:
+            name = (part.filename or "").lower()
+            ext = name.rsplit(".", 1)[-1] if "." in name else "(none)"
+            yield "A:ext:" + ext[:10]
+            sniffed = part.sniffed_type
+            if sniffed:
+                yield "A:type:" + sniffed
+    for markup in view.html_parts[:4]:
+        for tag in set(_HTML_TAG.findall(markup[:MAX_TEXT_CHARS])):
+            yield "H:" + tag.lower()
+
+
+def _url_tokens(view: MessageView) -> Iterable[str]:
+    urls = view.urls
+    if urls:
+        yield f"UN:{_bucket(len(urls))}"
+    for url in urls[:200]:
+        m = _URL_PARTS.match(url.lower())
+        if not m:
+            continue
+        scheme, host, path, query = m.group(1) or "www", m.group(2), m.group(3) or "", m.group(4)
+        host = host.rpartition("@")[2]
+        yield "US:" + scheme
+        if _IPV4.match(host):
+            yield "U:(ip)"
+            yield "UD:" + ".".join(host.split(".")[:2])
+        else:
+            yield "U:" + host[:60]
+            yield "UD:" + _domain_of(host)[:60]
+        for w in _PATH_WORD.findall(path):
+            yield "UP:" + w
+        if query:
+            yield "UQ:yes"
+
+
+def _osb(words: list[str]) -> Iterable[str]:
+    """Orthogonal sparse bigrams over a 3-word window: adjacent pairs and pairs skipping one."""
+    for i in range(len(words) - 1):
+        yield f"B:{words[i]} {words[i + 1]}"
+        if i + 2 < len(words):
+            yield f"B:{words[i]} ? {words[i + 2]}"
+
+
+def tokenize(view: MessageView, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+             bigrams: bool = False) -> tuple[str, ...]:
+    """The message's tokens: de-duplicated, first-seen order, at most max_tokens."""
+    seen: dict[str, None] = {}
+    add = seen.setdefault
+    for token in _header_tokens(view):
+        add(token, None)
+    for token in _part_tokens(view):
+        add(token, None)
+    for token in _url_tokens(view):
+        add(token, None)
+    body_words: list[str] = []
+    budget = MAX_TEXT_CHARS
+    for text in view.plain_texts:
+        if budget <= 0:
+            break
+        body_words.extend(_words(text[:budget]))
+        budget -= len(text)
+    for w in body_words:
+        add(w, None)
+    if bigrams:
+        for token in _osb(body_words):
+            add(token, None)
+            if len(seen) >= max_tokens * 2:
+                break
+    tokens = list(seen)
+    if _ARTIFACT.search("\n".join(tokens)):  # rare: one pass over the joined tokens first
+        tokens = [t for t in tokens if not _ARTIFACT.search(t)]
+    return tuple(tokens[:max_tokens])

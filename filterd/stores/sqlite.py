@@ -1,0 +1,274 @@
+"""The embedded Bayes token store: one SQLite file in WAL mode (default <state_dir>/bayes.sqlite).
+
+Trusts: the file system under the state directory. Reads no settings itself (the path comes
+from filterd.stores.open_token_store). Emits no symbols.
+
+Every learn batch is one `BEGIN IMMEDIATE` transaction: the digest look-ups that decide
+learn/move/no-op, the token counts, the message counters and the digests all commit together
+or not at all, so a learner killed with SIGKILL leaves the database as it was after its last
+committed batch (WAL replays or discards the rest). Readers (the daemon classifying) are never
+blocked by a writer in WAL mode; writers wait up to `busy_timeout` for each other.
+The connection is shared by threads under a lock (the daemon calls it from worker threads).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from filterd.stores import (HAM, SPAM, ExpiryResult, LearnItem, LearnResult, StoreError,
+                            StoreStats)
+
+SCHEMA_VERSION = "1"
+_CHUNK = 900   # bound on "?" parameters per statement (SQLite builds before 3.32 allow 999)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    tok   TEXT PRIMARY KEY,
+    spam  INTEGER NOT NULL DEFAULT 0,
+    ham   INTEGER NOT NULL DEFAULT 0,
+    atime INTEGER NOT NULL              -- day (since the epoch) the token was last learned
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tokens_atime ON tokens(atime);
+CREATE TABLE IF NOT EXISTS learned (
+    digest TEXT PRIMARY KEY,
+    label  TEXT NOT NULL CHECK (label IN ('spam', 'ham'))
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO counters VALUES ('nspam', 0), ('nham', 0);
+"""
+
+_UPSERT = """
+INSERT INTO tokens (tok, spam, ham, atime) VALUES (?1, max(0, ?2), max(0, ?3), ?4)
+ON CONFLICT (tok) DO UPDATE SET
+    spam = max(0, spam + ?2),
+    ham = max(0, ham + ?3),
+    atime = CASE WHEN ?5 THEN max(atime, ?4) ELSE atime END
+"""
+
+
+class SqliteTokenStore:
+    backend = "sqlite"
+
+    def __init__(self, path: Path | str, *, create: bool = True, busy_timeout: float = 30.0):
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise StoreError(f"{self.path}: no Bayes database (learn something first)")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout,
+                                         isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives a process crash (kill -9); only a power
+            # loss may roll back the last transactions, never corrupt the file.
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    # --- reads ---------------------------------------------------------------------------
+    def message_counts(self) -> tuple[int, int]:
+        with self._lock:
+            try:
+                rows = dict(self._conn.execute("SELECT name, value FROM counters").fetchall())
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+        return int(rows.get("nspam", 0)), int(rows.get("nham", 0))
+
+    def token_counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        with self._lock:
+            try:
+                for i in range(0, len(tokens), _CHUNK):
+                    chunk = tokens[i:i + _CHUNK]
+                    sql = ("SELECT tok, spam, ham FROM tokens WHERE tok IN (" +
+                           ",".join("?" * len(chunk)) + ")")
+                    for tok, spam, ham in self._conn.execute(sql, chunk):
+                        out[tok] = (spam, ham)
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+        return out
+
+    def learned_label(self, digest: str) -> str | None:
+        with self._lock:
+            try:
+                row = self._conn.execute("SELECT label FROM learned WHERE digest = ?",
+                                         (digest,)).fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+        return row[0] if row else None
+
+    # --- learning ------------------------------------------------------------------------
+    def learn_batch(self, items: Sequence[LearnItem], day: int) -> list[LearnResult]:
+        if not items:
+            return []
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    results = self._learn_in_txn(conn, items, day)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+        return results
+
+    def _learn_in_txn(self, conn: sqlite3.Connection, items: Sequence[LearnItem],
+                      day: int) -> list[LearnResult]:
+        digests = list({item.digest for item in items})
+        state: dict[str, str | None] = {}
+        for i in range(0, len(digests), _CHUNK):
+            chunk = digests[i:i + _CHUNK]
+            sql = "SELECT digest, label FROM learned WHERE digest IN (" + ",".join("?" * len(chunk)) + ")"
+            state.update(conn.execute(sql, chunk).fetchall())
+        before = dict(state)
+        deltas: dict[str, list[int]] = {}
+        counts = {SPAM: 0, HAM: 0}
+
+        def apply(tokens: tuple[str, ...], label: str, sign: int) -> None:
+            col = 0 if label == SPAM else 1
+            for tok in tokens:
+                d = deltas.get(tok)
+                if d is None:
+                    d = deltas[tok] = [0, 0, 0]
+                d[col] += sign
+                if sign > 0:
+                    d[2] = 1
+            counts[label] += sign
+
+        results: list[LearnResult] = []
+        for item in items:
+            old = state.get(item.digest)
+            new = item.label
+            if item.only_new and old is not None:
+                results.append(LearnResult.NOOP)
+            elif new is None:
+                if old is None:
+                    results.append(LearnResult.NOOP)
+                    continue
+                apply(item.tokens, old, -1)
+                state[item.digest] = None
+                results.append(LearnResult.FORGOTTEN)
+            elif old == new:
+                results.append(LearnResult.NOOP)
+            else:
+                if old is not None:
+                    apply(item.tokens, old, -1)
+                apply(item.tokens, new, +1)
+                state[item.digest] = new
+                results.append(LearnResult.MOVED if old is not None else LearnResult.LEARNED)
+        if deltas:
+            conn.executemany(_UPSERT, ((tok, d[0], d[1], day, d[2]) for tok, d in deltas.items()))
+            # only a token with no positive delta can have reached zero in both classes
+            emptied = [tok for tok, d in deltas.items() if d[0] <= 0 and d[1] <= 0]
+            for i in range(0, len(emptied), _CHUNK):
+                chunk = emptied[i:i + _CHUNK]
+                conn.execute("DELETE FROM tokens WHERE spam <= 0 AND ham <= 0 AND tok IN (" +
+                             ",".join("?" * len(chunk)) + ")", chunk)
+        for label, delta in counts.items():
+            if delta:
+                name = "nspam" if label == SPAM else "nham"
+                conn.execute("UPDATE counters SET value = max(0, value + ?) WHERE name = ?",
+                             (delta, name))
+        changed = [(d, label) for d, label in state.items() if before.get(d) != label]
+        conn.executemany("DELETE FROM learned WHERE digest = ?",
+                         [(d,) for d, label in changed if label is None])
+        conn.executemany("INSERT OR REPLACE INTO learned (digest, label) VALUES (?, ?)",
+                         [(d, label) for d, label in changed if label is not None])
+        return results
+
+    # --- maintenance ---------------------------------------------------------------------
+    def expire(self, *, older_than_day: int, max_tokens: int) -> ExpiryResult:
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    removed = conn.execute("DELETE FROM tokens WHERE atime < ?",
+                                           (older_than_day,)).rowcount
+                    total = conn.execute("SELECT count(*) FROM tokens").fetchone()[0]
+                    if max_tokens >= 0 and total > max_tokens:
+                        excess = total - max_tokens
+                        removed += conn.execute(
+                            "DELETE FROM tokens WHERE tok IN (SELECT tok FROM tokens "
+                            "ORDER BY atime ASC, spam + ham ASC LIMIT ?)", (excess,)).rowcount
+                        total -= excess
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+        return ExpiryResult(removed, total)
+
+    def stats(self) -> StoreStats:
+        nspam, nham = self.message_counts()
+        with self._lock:
+            try:
+                ntokens, oldest, newest = self._conn.execute(
+                    "SELECT count(*), min(atime), max(atime) FROM tokens").fetchone()
+                learned = dict(self._conn.execute(
+                    "SELECT label, count(*) FROM learned GROUP BY label").fetchall())
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+        size = sum(os.path.getsize(p) for p in (self.path, Path(f"{self.path}-wal"))
+                   if os.path.exists(p))
+        return StoreStats("sqlite", str(self.path), nspam, nham, ntokens,
+                          learned.get(SPAM, 0), learned.get(HAM, 0), oldest, newest, size)
+
+    def integrity_problems(self) -> list[str]:
+        """SQLite's own quick check: [] when the file is sound."""
+        with self._lock:
+            rows = self._conn.execute("PRAGMA quick_check").fetchall()
+        return [r[0] for r in rows if r[0] != "ok"]
+
+    def iter_tokens(self) -> Iterator[tuple[str, int, int, int]]:
+        with self._lock:
+            rows = self._conn.execute("SELECT tok, spam, ham, atime FROM tokens ORDER BY tok").fetchall()
+        yield from rows
+
+    def iter_learned(self) -> Iterator[tuple[str, str]]:
+        with self._lock:
+            rows = self._conn.execute("SELECT digest, label FROM learned ORDER BY digest").fetchall()
+        yield from rows
+
+    def replace_all(self, nspam: int, nham: int, tokens: Iterable[tuple[str, int, int, int]],
+                    learned: Iterable[tuple[str, str]]) -> None:
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute("DELETE FROM tokens")
+                    conn.execute("DELETE FROM learned")
+                    conn.executemany("INSERT INTO tokens (tok, spam, ham, atime) VALUES (?, ?, ?, ?)",
+                                     tokens)
+                    conn.executemany("INSERT INTO learned (digest, label) VALUES (?, ?)", learned)
+                    conn.execute("UPDATE counters SET value = ? WHERE name = 'nspam'", (nspam,))
+                    conn.execute("UPDATE counters SET value = ? WHERE name = 'nham'", (nham,))
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
