@@ -39,6 +39,11 @@ def _xf_value(value: str) -> str | None:
 class FilterSMTP(SMTP):
     """aiosmtpd's server with Postfix's XFORWARD extension."""
 
+    # aiosmtpd answers a line over 1,000 bytes with a permanent 500, which would make Postfix
+    # bounce the message. Postfix folds long lines itself (smtp_line_length_limit), but a
+    # parser limit must never become a 5xx: accept long lines, bounded by the message size.
+    line_length_limit = 64 * 1024 * 1024
+
     def __init__(self, handler: "FilterHandler", **kwargs: Any):
         super().__init__(handler, **kwargs)
         self.filter_handler = handler

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 
 from filterd import config
 from filterd.frontends import smtp as smtp_frontend
@@ -40,6 +41,15 @@ class Sink:
         return "250 OK"
 
 
+class LongLineSMTP(AiosmtpdSMTP):
+    line_length_limit = 64 * 1024 * 1024  # like Postfix's smtpd, which has no such limit
+
+
+class SinkController(Controller):
+    def factory(self):
+        return LongLineSMTP(self.handler, data_size_limit=None)
+
+
 @check("test.smtp_slow", phase=Phase.MAIN)
 async def _slow(msg, ctx):
     await asyncio.sleep(10)
@@ -50,7 +60,7 @@ class Rig:
     def __init__(self, tmp_path, core_rules, **overrides):
         self.sink = Sink()
         self.sink_port = free_port()
-        self.controller = Controller(self.sink, hostname="127.0.0.1", port=self.sink_port)
+        self.controller = SinkController(self.sink, hostname="127.0.0.1", port=self.sink_port)
         self.controller.start()
         self.port = free_port()
         values = {"daemon.state_dir": str(tmp_path / "state"), "daemon.hostname": "mx.test",
@@ -170,3 +180,52 @@ def test_missed_deadline_is_a_tempfail(tmp_path, core_rules):
         assert r.sink.messages == []
     finally:
         r.close()
+
+
+def _nested(depth: int) -> bytes:
+    head = b"From: a@b.c\r\nSubject: nest\r\n"
+    for i in range(depth):
+        head += b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i)
+    tail = b"Content-Type: text/plain\r\n\r\nhello\r\n"
+    for i in reversed(range(depth)):
+        tail += b"--b%d--\r\n" % i
+    return head + tail
+
+
+BROKEN = {
+    "no header/body separator": b"From: a@b\r\nSubject: x\r\nthis is not a header line",
+    "10 MB single line": b"From: a@b\r\n\r\n" + b"A" * 10_000_000,
+    "NUL bytes": b"From: a@b\r\nSub\x00ject: x\x00\r\n\r\nbo\x00dy\r\n",
+    "8-bit junk in headers": b"From: \xff\xfe <a@b>\r\nSubject: \xe9\xe8\r\n\r\nbody\r\n",
+    "1000 nested multiparts": _nested(1000),
+}
+
+
+def test_broken_messages_get_a_verdict_and_the_daemon_keeps_serving(rig):
+    for name, raw in BROKEN.items():
+        code, text = rig.send(raw)
+        assert code == 250, f"{name}: {code} {text}"
+    assert len(rig.sink.messages) == len(BROKEN)
+    # the bytes after our headers are passed on exactly as received
+    big = next(m for m in rig.sink.messages if len(m[2]) > 9_000_000)[2]
+    assert big.endswith(b"\r\n\r\n" + b"A" * 10_000_000 + b"\r\n")
+    assert rig.send(CLEAN)[0] == 250
+
+
+@pytest.mark.corpus
+def test_every_corpus_message_gets_a_verdict(corpus_files, core_rules, tmp_path):
+    from filterd.message import Envelope
+    settings = config.defaults().with_overrides({"daemon.state_dir": str(tmp_path),
+                                                 "rules.dir": str(core_rules)})
+    scanner = Scanner(settings)
+
+    async def run():
+        actions = {}
+        for path in corpus_files:
+            outcome = await scanner.scan(path.read_bytes(), Envelope())
+            actions[outcome.verdict.action.value] = actions.get(outcome.verdict.action.value, 0) + 1
+        return actions
+
+    actions = asyncio.run(run())
+    assert sum(actions.values()) == len(corpus_files)
+    assert "tempfail" not in actions  # no internal error on any real message
