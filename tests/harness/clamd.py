@@ -85,9 +85,8 @@ class Clamd:
             self._prepare()
         try:
             with open(self._dir / "clamd.out", "ab") as out:
-                self.proc = subprocess.Popen([clamd, "-c", str(self.conf_file)],
-                                             stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                             preexec_fn=die_with_parent)
+                self.proc = subprocess.Popen(die_with_parent([clamd, "-c", str(self.conf_file)]),
+                                             stdin=subprocess.DEVNULL, stdout=out, stderr=out)
             track(self)
             ok = wait_for(lambda: self._ready() or self.proc.poll() is not None,
                           self.start_timeout)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ from typing import Mapping
 REPO = Path(__file__).resolve().parents[2]
 PACKAGING = REPO / "packaging"
 KEEP_ENV = "FILTERD_TEST_KEEP"       # set to 1 to keep the private dirs for a post-mortem
+DIR_PREFIX = "filterd-h-"            # /tmp/filterd-h-<service>-XXXX: the harness's own dirs
 
 
 class Unavailable(Exception):
@@ -45,10 +45,58 @@ def require_binary(name: str, package: str, *extra_dirs: str) -> str:
 
 
 def private_dir(prefix: str) -> Path:
-    """A new directory under /tmp, mode 0755, for one service instance."""
-    d = Path(tempfile.mkdtemp(prefix=f"filterd-{prefix}-", dir="/tmp"))
+    """A new directory under /tmp, mode 0755, for one service instance.
+
+    It holds a .owner file (pid and start time of this process), so `sweep_stale_dirs()` in a
+    later session can remove it if this process dies without cleaning up."""
+    d = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{prefix}-", dir="/tmp"))
     d.chmod(0o755)
+    (d / ".owner").write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
     return d
+
+
+def _start_time(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _in_use(d: Path) -> bool:
+    """Does any running process name `d` in its command line or environment?"""
+    needle = str(d).encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        for part in ("cmdline", "environ"):
+            try:
+                if needle in (proc / part).read_bytes():
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def sweep_stale_dirs() -> list[Path]:
+    """Remove harness dirs left by test processes that died (killed before their teardown).
+
+    Only dirs with a .owner file whose process is gone, and that no running process still
+    uses (a service that outlived its session keeps its dir). Returns what was removed."""
+    removed = []
+    for owner in Path("/tmp").glob(f"{DIR_PREFIX}*/.owner"):
+        d = owner.parent
+        try:
+            pid_s, _, start = owner.read_text().strip().partition(" ")
+            pid = int(pid_s)
+        except (OSError, ValueError):
+            continue
+        if pid == os.getpid() or (_start_time(pid) == start and start):
+            continue                                       # its owner is alive
+        if _in_use(d):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
 
 
 def remove_dir(d: Path | None) -> None:
@@ -86,13 +134,12 @@ def _stop_leftovers() -> None:
             pass
 
 
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when the test process dies, even by SIGKILL."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)            # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+def die_with_parent(argv: list[str]) -> list[str]:
+    """`argv` run so that the child gets SIGTERM when the test process dies, even by SIGKILL
+    (PR_SET_PDEATHSIG through setpriv, which then execs argv: the pid stays the service's).
+    Without setpriv (util-linux) argv is returned as is."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else list(argv)
 
 
 def stop_process(proc: subprocess.Popen | None, timeout: float = 15.0,

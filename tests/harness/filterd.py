@@ -232,9 +232,10 @@ class FilterdDaemon:
                 out.write(f"--- harness: start #{self.starts + 1}: "
                           f"{' '.join(self.command('serve'))}\n".encode())
                 out.flush()
-                self.proc = subprocess.Popen(self.command("serve"), stdin=subprocess.DEVNULL,
-                                             stdout=out, stderr=subprocess.STDOUT, env=env,
-                                             cwd=str(self._dir), preexec_fn=die_with_parent)
+                self.proc = subprocess.Popen(die_with_parent(self.command("serve")),
+                                             stdin=subprocess.DEVNULL, stdout=out,
+                                             stderr=subprocess.STDOUT, env=env,
+                                             cwd=str(self._dir))
                 track(self)
             self.starts += 1
             if self.milter_enabled:

@@ -6,6 +6,10 @@
     pf.wait_delivered("user", 1)        # -> [bytes of each delivered message]
     pf.close()                          # stop, wait for every Postfix process, remove the dir
 
+`postfix check`, then master(8) in the foreground as a child of the test process (its own
+session, SIGTERM when the test process dies), `postfix stop` to stop: no Postfix outlives the
+session, even when pytest is killed.
+
 Layout under one private dir (mode 0755): etc/ (main.cf, master.cf, aliases), spool/
 (queue_directory), data/ (data_directory, owned by postfix), mail/<user>/ (Maildirs, owned
 by nobody: local(8) delivers from a root-owned alias table as default_privs), log/maillog
@@ -35,8 +39,9 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
-from harness.common import (PACKAGING, ServiceError, private_dir, read_tail, remove_dir, render,
-                            require_binary, require_root, track, wait_for)
+from harness.common import (PACKAGING, ServiceError, die_with_parent, private_dir, read_tail,
+                            remove_dir, render, require_binary, require_root, stop_process,
+                            track, wait_for)
 from harness.ports import free_port, wait_port
 
 SNIPPETS = PACKAGING / "postfix"
@@ -163,6 +168,13 @@ smtp_tls_security_level = none
 """
 
 
+# $1 = master, $2 = config dir. setsid(1) does not fork here (sh's child is no group leader).
+_MASTER_WRAPPER = (
+    'setsid "$1" -c "$2" -d & m=$!; '
+    'trap \'kill -TERM $m 2>/dev/null; wait $m; exit 0\' TERM INT HUP; '
+    'wait $m')
+
+
 class PostfixInstance:
     def __init__(self, mode: str = "milter", *, smtp_port: int | None = None,
                  milter_port: int | None = None, filter_port: int | None = None,
@@ -187,6 +199,7 @@ class PostfixInstance:
         self.main_cf = dict(main_cf or {})
         self.dir: Path | None = None
         self._running = False
+        self._master: subprocess.Popen | None = None
         self.last_rcpt_replies: dict[str, tuple[int, str]] = {}
 
     # --- paths ----------------------------------------------------------------------
@@ -270,6 +283,7 @@ class PostfixInstance:
         self._postfix = require_binary("postfix", "postfix")
         self._postqueue = require_binary("postqueue", "postfix")
         self._postsuper = require_binary("postsuper", "postfix")
+        self._postconf = require_binary("postconf", "postfix")
         if self.running:
             return self
         if self.dir is None:
@@ -282,13 +296,22 @@ class PostfixInstance:
             if check.returncode != 0:
                 raise ServiceError(f"postfix check failed ({check.returncode}):\n"
                                    f"{check.stdout}{check.stderr}\n{self.maillog_tail()}")
-            # never capture output here: the daemonised master inherits the pipes and
-            # run() would wait for them forever
-            rc = subprocess.run([self._postfix, "-c", str(self.etc), "start"],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, timeout=60).returncode
-            if rc != 0:
-                raise ServiceError(f"postfix start exited {rc}\n{self.maillog_tail()}")
+            # master(8) in the foreground (-d) in a session of its own (its SIGTERM handler
+            # stops its process group), under a small sh that is our child and stops it when
+            # the test process dies, even by SIGKILL (parent-death signal; master's own would
+            # be cleared when it changes credentials). `postfix start` would daemonise it
+            # instead, and hang run() if its output were captured.
+            master = Path(self._daemon_directory()) / "master"
+            with open(self._root / "log" / "master.out", "ab") as out:
+                self._master = subprocess.Popen(
+                    die_with_parent(["/bin/sh", "-c", _MASTER_WRAPPER, "sh", str(master),
+                                     str(self.etc)]),
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+            if not wait_for(lambda: self._master_pid() or self._master.poll() is not None, 30) \
+                    or self._master.poll() is not None:
+                raise ServiceError(f"Postfix master exited {self._master.poll()} at start:\n"
+                                   f"{read_tail(self._root / 'log' / 'master.out', 10)}\n"
+                                   f"{self.maillog_tail()}")
             self._running = True
             track(self)
             for port, what in ((self.smtp_port, "smtpd"), (self.release_port, "release smtpd")):
@@ -312,6 +335,10 @@ class PostfixInstance:
                            stderr=subprocess.DEVNULL, timeout=60)
             if not wait_for(lambda: not _alive(pid), timeout):
                 _kill(pid)
+        if self._master is not None:                        # reap it (and SIGKILL if need be)
+            stop_process(self._master, 5, sig=signal.SIGKILL if self._master.poll() is None
+                         else signal.SIGTERM)
+            self._master = None
         # children linger a second or two after the master; they carry MAIL_CONFIG=etc
         if not wait_for(lambda: not self._instance_pids(), 10):
             for p in self._instance_pids():
@@ -337,6 +364,10 @@ class PostfixInstance:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _daemon_directory(self) -> str:
+        res = self._run([self._postconf, "-c", str(self.etc), "-h", "daemon_directory"])
+        return res.stdout.strip() or "/usr/lib/postfix/sbin"
 
     def _master_pid(self) -> int | None:
         if self.dir is None:

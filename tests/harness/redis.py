@@ -58,9 +58,8 @@ class RedisServer:
                 "--dir", str(self.dir), "--daemonize", "no", "--logfile", str(self.log_file),
                 "--databases", "16", "--io-threads", "1"]
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         preexec_fn=die_with_parent)
+            self.proc = subprocess.Popen(die_with_parent(argv), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             track(self)
             if not wait_for(lambda: self.ping() or self.proc.poll() is not None, 30) \
                     or not self.running:

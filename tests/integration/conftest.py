@@ -21,11 +21,15 @@ Per test, torn down at its end:
   rig_factory      rig_factory(mode, filterd_overrides=None, **MailRig kwargs) -> started rig
 
 A service this machine cannot run (not root, package missing, `filterd serve` missing)
-skips the tests that need it, with the reason.
+skips the tests that need it, with the reason. SIGTERM (e.g. from `timeout`) becomes an
+interrupt so teardown still runs; services started by a session that was SIGKILLed die with
+it, and their directories are swept by the next session.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,9 +37,24 @@ import pytest
 
 from harness import (Clamd, DNSServer, FilterdDaemon, MailRig, RedisServer, Unavailable,
                      filterd_available)
+from harness.common import sweep_stale_dirs
 from harness.filterd import service_overrides
 
 HERE = Path(__file__).resolve().parent
+
+
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `timeout 600 pytest ...` ends pytest with SIGTERM: turn it into an interrupt so the
+    # fixtures' teardown stops the services and removes their directories.
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    # what sessions killed harder than that left behind
+    sweep_stale_dirs()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
