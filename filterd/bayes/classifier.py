@@ -25,9 +25,9 @@ __all__ = ["Classification", "ClassifierParams", "classify", "band", "BANDS"]
 
 @dataclass(frozen=True, slots=True)
 class ClassifierParams:
-    robinson_s: float = 0.1      # strength of the prior X (in pseudo-messages)
+    robinson_s: float = 0.45     # strength of the prior X (in pseudo-messages)
     robinson_x: float = 0.5      # f(w) of a token never seen
-    min_dev: float = 0.1         # ignore tokens whose f(w) is this close to 0.5
+    min_dev: float = 0.375       # ignore tokens whose f(w) is this close to 0.5
     max_significant: int = 150   # combine at most this many of the strongest tokens
 
 

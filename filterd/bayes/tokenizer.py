@@ -18,7 +18,8 @@ What is learned, and why:
                      words), Reply-To and Return-Path domains, Message-ID domain and shape,
                      X-Mailer/User-Agent, recipient counts, Date time zone, Content-Type and
                      charsets, list/reply markers, X-Priority, the last external relay's /16
-                     and HELO shape. Never the verdict headers of other filters (X-Spam-*,
+                     and HELO shape, and per Received hop ("R:") the sending /24 and the HELO
+                     and reverse-DNS domains. Never the verdict headers of other filters (X-Spam-*,
                      X-Virus-*, X-Barracuda-*, Authentication-Results, ...): an allow-list
                      cannot learn them by accident (../shared/notes/evaluation.md).
   URLs               host, registered domain, scheme and path words ("U:", "UD:", "UP:").
@@ -276,6 +277,8 @@ def tokenize(view: MessageView, *, max_tokens: int = DEFAULT_MAX_TOKENS,
     seen: dict[str, None] = {}
     add = seen.setdefault
     for token in _header_tokens(view):
+        add(token, None)
+    for token in _received_tokens(view):
         add(token, None)
     for token in _part_tokens(view):
         add(token, None)
