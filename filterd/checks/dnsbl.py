@@ -30,7 +30,7 @@ import asyncio
 import email.utils
 import ipaddress
 import re
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
 from filterd.dns import OK, note_blocked_resolver, registered_domain, report_problems, reverse_ip

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import dns.asyncresolver
@@ -119,6 +119,7 @@ class TTLCache:
 # ---- health: resolver problems the admin must hear about ------------------------------------
 
 _health_lock = threading.Lock()
+_WARN_EVERY = 300.0          # seconds between repeated blocked-resolver warnings per list
 _HEALTH: dict[str, Any] = {"queries": 0, "cache_hits": 0, "timeouts": 0, "servfails": 0,
                            "capped": 0, "blocked": {}}
 
@@ -135,7 +136,8 @@ def health() -> dict[str, Any]:
     code: the lists are then silently useless, which users of public resolvers keep missing.
     """
     with _health_lock:
-        blocked = {zone: dict(info) for zone, info in _HEALTH["blocked"].items()}
+        blocked = {zone: {k: v for k, v in info.items() if k != "warned"}
+                   for zone, info in _HEALTH["blocked"].items()}
         counters = {k: v for k, v in _HEALTH.items() if k != "blocked"}
     warnings = [f"DNS list {zone} answered {info['code']} ({info['count']} times, last "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info['last']))}): the "
@@ -154,9 +156,18 @@ def reset_health() -> None:
 
 def note_blocked_resolver(zone: str, code: str, queried: str) -> None:
     """A list said our resolver is blocked/rate limited: warn and raise the health flag."""
+    now = time.time()
     with _health_lock:
-        info = _HEALTH["blocked"].setdefault(zone, {"code": code, "count": 0, "last": 0.0})
-        info["code"], info["count"], info["last"] = code, info["count"] + 1, time.time()
+        info = _HEALTH["blocked"].setdefault(zone, {"code": code, "count": 0, "last": 0.0,
+                                                    "warned": 0.0})
+        info["code"], info["count"], info["last"] = code, info["count"] + 1, now
+        # one WARNING per list every few minutes, not one per message: the flag stays raised
+        loud = now - info["warned"] >= _WARN_EVERY
+        if loud:
+            info["warned"] = now
+    if not loud:
+        log.debug("DNS list %s answered %s for %s (resolver blocked)", zone, code, queried)
+        return
     log.warning("DNS list %s answered %s for %s: the resolver is blocked or rate limited by "
                 "this list, so it scores nothing; use a local recursive resolver "
                 "(dns.nameservers)", zone, code, queried)
