@@ -417,8 +417,11 @@ def figures(run: Run) -> dict[str, Any]:
     lat = [r["seconds"] for r in ok]
     fp = sum(r["spam"] for r in ham)
     fn = sum(not r["spam"] and not r.get("tempfail") for r in spam)
-    scored_ham = [r["score"] for r in ham if r.get("score") is not None]
-    scored_spam = [r["score"] for r in spam if r.get("score") is not None]
+    # a score for every message, or no ROC at all (the milter path shows X-Spam-Score only
+    # from tag_level on, so its scores are partial: accuracy comes from the scan rows)
+    complete = all(r.get("score") is not None for r in ok)
+    scored_ham = [r["score"] for r in ham] if complete else []
+    scored_spam = [r["score"] for r in spam] if complete else []
     at = fn_at_fp(scored_ham, scored_spam, FP_TARGET) if scored_spam and scored_ham else None
     n = len(run.results)
     out = {

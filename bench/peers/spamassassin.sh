@@ -15,7 +15,7 @@ RULES=/usr/share/spamassassin
 RUN_AS=debian-spamd
 
 configure() {
-  rm -rf "$SA_ROOT/etc"; mkdir -p "$SA_ROOT"/{etc,bayes,home,logs}
+  rm -rf "$SA_ROOT/etc" "$SA_ROOT/bayes"; mkdir -p "$SA_ROOT"/{etc,bayes,home,logs}
   cp -a /etc/spamassassin/. "$SA_ROOT/etc/"
   if [ "${SA_RULE2XS:-1}" = 0 ]; then rm -f "$SA_ROOT/etc/sa-compile.pre"; fi
   cat > "$SA_ROOT/etc/zz_peersbench.cf" <<CF
