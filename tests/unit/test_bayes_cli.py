@@ -166,3 +166,17 @@ def test_dump_and_expire(state, tmp_path):
     result = filterd(state, "bayes", "expire", "--max-tokens", "5")
     assert result.returncode == 0 and "5 remain" in result.stdout
     assert stats(state)["tokens"] == 5
+
+
+def test_dovecot_pipe_script_learns_and_moves(state):
+    script = ROOT / "packaging" / "dovecot" / "filterd-learn"
+    env = dict(os.environ, FILTERD_STATE_DIR=str(state), FILTERD_CONFIG=str(state / "f.toml"),
+               FILTERD_BIN=str(Path(sys.executable).parent / "filterd"))
+    for label in ("spam", "ham"):   # moved into Junk, then back out of it
+        r = subprocess.run([str(script), label], input=mail(7), env=env, capture_output=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+    s = stats(state)
+    assert (s["spam"], s["ham"], s["consistent"]) == (0, 1, True)
+    bad = subprocess.run([str(script), "junk"], input=b"", env=env, capture_output=True)
+    assert bad.returncode == 64
