@@ -145,6 +145,7 @@ def run_filterd(train: list, test: list, workdir: Path, *, bigrams: bool,
     store.close()
     out = {"results": results, "learned": len(data), "learn_cpu_s": learn_cpu,
            "learn_wall_s": learn_wall, "learn_per_s": len(data) / learn_wall,
+           "learn_per_cpu_s": len(data) / learn_cpu,
            "classify_median_ms": statistics.median(tok_times) * 1000,
            "classify_with_parse_median_ms": statistics.median(full_times) * 1000,
            "tokens": stats.ntokens, "db_bytes": stats.size_bytes}
@@ -337,7 +338,7 @@ def main() -> int:
             for c in corpora:
                 entry[c] = summarize(r["results"], c)
                 print(f"  {c:18} {fmt(entry[c])}")
-            for k in ("learn_per_s", "classify_median_ms", "classify_with_parse_median_ms",
+            for k in ("learn_per_s", "learn_per_cpu_s", "classify_median_ms", "classify_with_parse_median_ms",
                       "tokens", "db_bytes", "trained_on"):
                 if k in r:
                     entry[k] = r[k]
