@@ -131,26 +131,104 @@ def _python_flags(flags: str, *, multiline: bool = False) -> int:
     return value
 
 
-_PY_UNICODE_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u([0-9a-fA-F]{4})|(?<!\\)((?:\\\\)*)\\U([0-9a-fA-F]{8})")
-_PY_EMPTY_MIN = re.compile(r"(?<!\\)\{,(\d+)\}")
+# Supersets of Python's Unicode classes that Hyperscan compiles cheaply (its UCP mode makes
+# \w, \W and \b-heavy patterns take seconds to compile). In a positive context an escape is
+# widened, inside a negated class it is narrowed: either way the prefilter only finds more.
+_WIDE = {
+    "w": r"a-zA-Z0-9_\x{80}-\x{10ffff}",
+    "W": r"\x00-\x2f\x3a-\x40\x5b-\x5e\x60\x7b-\x{10ffff}",
+    "d": r"0-9\x{80}-\x{10ffff}",
+    "D": r"\x00-\x2f\x3a-\x{10ffff}",
+    "s": r"\t\n\x0b\x0c\r \x1c-\x1f\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}"
+         r"\x{202f}\x{205f}\x{3000}",
+    "S": r"\x00-\x08\x0e-\x1b\x21-\x{10ffff}",
+}
+_NARROW = {
+    "w": r"a-zA-Z0-9_",
+    "W": r"\x00-\x2f\x3a-\x40\x5b-\x5e\x60\x7b-\x7f",
+    "d": r"0-9",
+    "D": r"\x00-\x2f\x3a-\x7f",
+    "s": r"\t\n\x0b\x0c\r ",
+    "S": r"\x21-\x7e",
+}
+_BIG_REPEAT = 4        # {m,n} with n above this becomes * or + in the prefilter
+_QUANT = re.compile(r"\{(\d*)(?:(,)(\d*))?\}")
+
+
+def prefilter_pattern(pattern: str) -> str:
+    """A Python-dialect pattern rewritten as a PCRE pattern that matches at least as much.
+
+    Hyperscan runs it in prefilter mode; every candidate is confirmed with the real pattern,
+    so widening is always safe and only costs confirmations.
+    """
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    in_class = False
+    negated = False
+    while i < n:
+        c = pattern[i]
+        if c == "\\" and i + 1 < n:
+            e = pattern[i + 1]
+            if e in _WIDE:
+                table = _NARROW if (in_class and negated) else _WIDE
+                out.append(table[e] if in_class else f"[{table[e]}]")
+                i += 2
+                continue
+            if e == "B" and not in_class:
+                i += 2          # dropping an assertion only widens
+                continue
+            if e == "u" and i + 5 < n + 1 and re.fullmatch(r"[0-9a-fA-F]{4}", pattern[i + 2:i + 6]):
+                out.append(f"\\x{{{pattern[i + 2:i + 6]}}}")
+                i += 6
+                continue
+            if e == "U" and re.fullmatch(r"[0-9a-fA-F]{8}", pattern[i + 2:i + 10] or "-"):
+                out.append(f"\\x{{{pattern[i + 2:i + 10].lstrip('0') or '0'}}}")
+                i += 10
+                continue
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if in_class:
+            if c == "]" and not (out and out[-1] in ("[", "[^")):
+                in_class = False
+            out.append(c)
+            i += 1
+            continue
+        if c == "[":
+            in_class = True
+            negated = pattern.startswith("[^", i)
+            out.append("[^" if negated else "[")
+            i += 2 if negated else 1
+            if i < n and pattern[i] == "]":      # a leading ] is a literal
+                out.append("\\]")
+                i += 1
+            continue
+        if c == "{":
+            m = _QUANT.match(pattern, i)
+            if m and (m.group(1) or m.group(3)):
+                low = int(m.group(1) or 0)
+                high = int(m.group(3)) if m.group(3) else (None if m.group(2) else low)
+                if high is None or high > _BIG_REPEAT:
+                    out.append("*" if low == 0 else "+")
+                elif not m.group(1):
+                    out.append(f"{{0,{high}}}")     # Python's {,n}: literal text in PCRE
+                else:
+                    out.append(m.group(0))
+                i = m.end()
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def _hyperscan_pattern(pattern: str) -> bytes:
-    """Python-dialect pattern to a PCRE-dialect one Hyperscan accepts (as a superset)."""
-    def unicode_escape(m: re.Match[str]) -> str:
-        if m.group(2):
-            return f"{m.group(1)}\\x{{{m.group(2)}}}"
-        return f"{m.group(3)}\\x{{{m.group(4)}}}"
-
-    pattern = _PY_UNICODE_ESCAPE.sub(unicode_escape, pattern)
-    pattern = _PY_EMPTY_MIN.sub(r"{0,\1}", pattern)   # Python's {,n} is literal text in PCRE
-    return pattern.encode("utf-8")
+    return prefilter_pattern(pattern).encode("utf-8")
 
 
 def _hs_flags(flags: str, *, multiline: bool) -> int:
     assert hyperscan is not None
     value = (hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH
-             | hyperscan.HS_FLAG_ALLOWEMPTY | hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP)
+             | hyperscan.HS_FLAG_ALLOWEMPTY | hyperscan.HS_FLAG_UTF8)
     if "i" in flags:
         value |= hyperscan.HS_FLAG_CASELESS
     if "s" in flags:
@@ -318,21 +396,32 @@ class Engine:
         elif m is not None:
             hits[rule.name] = _excerpt(text, m.start(), m.end())
 
-    def _match_multi(self, group: _Group, values: list[str], use_hs: bool, budget: float,
-                     hits: dict[str, str], errors: list[tuple[str, str]]) -> None:
+    def _match_multi(self, group: _Group, values: list[str | None], use_hs: bool,
+                     budget: float, hits: dict[str, str], errors: list[tuple[str, str]]) -> None:
+        """Targets with one text per item (URIs, one MIME part's header): any item may hit.
+
+        None stands for a part without the header; a rule's if_unset value stands in for it.
+        """
         if not values:
             return
-        candidates: list[Rule] | None = None
-        if use_hs and group.hs_db is not None:
+        present = [v for v in values if v]
+        missing = len(present) < len(values)
+        candidates: set[str] | None = None
+        if use_hs and group.hs_db is not None and present:
             try:
-                data = "\n".join(values).encode("utf-8")
+                data = "\n".join(present).encode("utf-8")
             except UnicodeEncodeError:
                 data = None
             if data is not None:
-                ids = self._candidates(group, data)
-                candidates = [group.hs_rules[i] for i in sorted(ids)] + group.re_rules
-        for rule in (candidates if candidates is not None else group.rules):
-            for item in values:
+                candidates = {group.hs_rules[i].name for i in self._candidates(group, data)}
+        in_db = {r.name for r in group.hs_rules}
+        for rule in group.rules:
+            skip_present = candidates is not None and rule.name in in_db \
+                and rule.name not in candidates
+            items = [] if skip_present else list(present)
+            if missing and rule.if_unset:
+                items.append(rule.if_unset)
+            for item in items:
                 try:
                     m = _search(rule, item, budget)
                 except TimeoutError:
@@ -416,14 +505,16 @@ class _Texts:
         kind, _, rest = target.partition(":")
         name, _, modifier = rest.partition(":")
         if kind == "mimeheader":
-            values = []
+            values: list[str | None] = []
             for part in view.parts:
                 msg = getattr(part, "_msg", None)
-                if msg is None:
-                    continue
-                for value in msg.get_all(name, []) or []:
-                    values.append(value if modifier == "raw" else decode_header_value(str(value)))
-            return "\n".join(values) if values else None
+                found = msg.get_all(name, []) if msg is not None else []
+                if not found:
+                    values.append(None)
+                for value in found or ():
+                    values.append(str(value) if modifier == "raw"
+                                  else decode_header_value(str(value)))
+            return values
         if name == "ALL":
             lines = []
             for hname, hvalue in view.raw_headers:
@@ -537,8 +628,9 @@ def compile_rule(name: str, entry: Mapping[str, Any], location: str = "") -> Rul
     if not isinstance(flags, str) or any(c not in FLAG_CHARS for c in flags):
         raise CompileError(name, "flags", f"flags are letters from {FLAG_CHARS!r}")
     negate = bool(entry.get("negate", False))
-    if negate and kind == "uri":
-        raise CompileError(name, "negate", "uri rules cannot be negated (there may be no URI)")
+    if negate and kind in ("uri", "mimeheader"):
+        raise CompileError(name, "negate", f"{kind} rules cannot be negated (match each item; "
+                                           f"use a meta rule with !)")
     if_unset = entry.get("if_unset", "")
     if not isinstance(if_unset, str):
         raise CompileError(name, "if_unset", "expected a string")
@@ -603,7 +695,8 @@ def compile_ruleset(ruleset: Any) -> Engine:
         elif rule.exists is not None:
             exists_rules.append(rule)
         else:
-            groups.setdefault(rule.target, _Group(rule.target, multi=rule.kind == "uri")
+            groups.setdefault(rule.target, _Group(rule.target,
+                                                  multi=rule.kind in ("uri", "mimeheader"))
                               ).rules.append(rule)
     meta_order = _meta_order(metas, ruleset.location_of)
     for group in groups.values():

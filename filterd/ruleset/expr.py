@@ -12,7 +12,7 @@ Grammar (SpamAssassin's meta syntax, plus `and`/`or`/`not` as words):
     compare := sum   ((">" | ">=" | "<" | "<=" | "==" | "!=") sum)?
     sum     := term  (("+" | "-") term)*
     term    := unary (("*" | "/") unary)*
-    unary   := "-" unary | atom
+    unary   := ("-" | "!") unary | atom      (so "A + !B" counts like SpamAssassin's)
     atom    := NUMBER | SYMBOL_NAME | "(" expr ")"
 A symbol name stands for how many times that symbol fired (0 when it did not); a comparison or
 boolean operator gives 1 or 0. Division by zero gives 0 rather than an error.
@@ -163,10 +163,13 @@ class _Parser:
                 left = (lambda a, b: lambda v: _divide(a(v), b(v)))(left, right)
 
     def unary(self) -> Evaluator:
-        if self.accept("-"):
+        op = self.accept("-", "!")
+        if op is not None:
             self._enter()
             inner = self.unary()
             self.depth -= 1
+            if op == "!":
+                return lambda v: 0.0 if inner(v) else 1.0
             return lambda v: -inner(v)
         return self.atom()
 

@@ -66,9 +66,6 @@ def lint(ruleset: Any) -> list[Problem]:
         if not helper and name not in ruleset.scores:
             problems.append(Problem(loc(f"rule.{name}"), f"scores.{name}",
                                     "no score (add one to a scores table)"))
-        if helper and name in ruleset.scores:
-            problems.append(Problem(loc(f"scores.{name}"), f"scores.{name}",
-                                    "helper rules (__NAME) are never scored"))
         header = str(entry.get("header", "")).partition(":")[0].lower()
         if header and header.startswith(FOREIGN_HEADER_PREFIXES) and not entry.get("origin"):
             problems.append(Problem(loc(f"rule.{name}.header"), f"rule.{name}.header",
@@ -97,6 +94,10 @@ def lint(ruleset: Any) -> list[Problem]:
                                         f"check {binding.function!r} emits {name} but no "
                                         f"[symbol.{name}] describes it"))
     for name in sorted(ruleset.scores):
+        if name.startswith("__"):
+            problems.append(Problem(loc(f"scores.{name}"), f"scores.{name}",
+                                    "helper rules and symbols (__NAME) are never scored"))
+            continue
         if name not in names and name not in emitted:
             problems.append(Problem(loc(f"scores.{name}"), f"scores.{name}",
                                     "score for a name no rule, symbol or check emits",

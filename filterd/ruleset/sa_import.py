@@ -1,0 +1,372 @@
+"""Translate SpamAssassin `.cf` rule files into filterd rules (`filterd rules import-sa`).
+
+Trusts: nothing in the files; every line is parsed, and every rule that cannot be translated is
+reported by name with its reason, never dropped silently.
+Settings: none. Symbols: none (the output is a rule file for <site>/local.d/).
+
+Understood: header (one header, ALL, :raw/:addr/:name, exists:, !~, [if-unset: X]), body,
+rawbody, full, uri, mimeheader, meta, score (the first score set: no Bayes, no network),
+describe, tflags (kept; `nice` makes the default score negative), and ifplugin/if/else/endif
+blocks (ifplugin blocks are read, `if` conditions are taken as true unless negated). Lines of
+other directives (report, required_score, lang, ...) are counted, not rules.
+Not translatable, and reported: eval: tests (plugin code), pseudo-headers filterd does not
+model (ToCc, EnvelopeFrom, X-Spam-Relays-*, ...), Perl regex features with no equivalent, and
+meta rules that refer to a rule that was not translated.
+
+Perl regex to Python `regex`: m{...}/m!...!/.../ delimiters and flags i, s, m, x; \\z -> \\Z,
+Perl's \\Z -> (?=\\n?\\Z), \\Q...\\E quoting, \\h/\\H, Perl's \\v (vertical space), \\e, \\g{N}.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import regex as rx
+except ImportError:  # pragma: no cover
+    rx = re  # type: ignore[assignment]
+
+PATTERN_KINDS = ("header", "body", "rawbody", "full", "uri", "mimeheader")
+RULE_KINDS = PATTERN_KINDS + ("meta",)
+PSEUDO_HEADERS = {"tocc", "envelopefrom", "x-spam-relays-untrusted", "x-spam-relays-trusted",
+                  "x-spam-relays-internal", "x-spam-relays-external", "messageid",
+                  "x-spam-relays-untrusted", "x-spam-gtube", "x-spam-rbl"}
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    name: str
+    kind: str
+    location: str
+    reason: str
+
+
+@dataclass
+class ImportResult:
+    rules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    descriptions: dict[str, str] = field(default_factory=dict)
+    tflags: dict[str, list[str]] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+    seen: dict[str, int] = field(default_factory=dict)        # kind -> rules read
+    other_lines: int = 0
+    read_errors: list[str] = field(default_factory=list)
+    locations: dict[str, str] = field(default_factory=dict)
+
+
+class Untranslatable(ValueError):
+    pass
+
+
+_DELIMS = {"{": "}", "(": ")", "[": "]", "<": ">"}
+
+
+def split_regex(text: str) -> tuple[str, str, str]:
+    """'/re/flags rest' or 'm{re}flags rest' -> (re, flags, rest)."""
+    text = text.strip()
+    if text.startswith("m") and len(text) > 1 and not text[1].isalnum() and not text[1].isspace():
+        opener = text[1]
+        body_start = 2
+    elif text.startswith("/"):
+        opener = "/"
+        body_start = 1
+    else:
+        raise Untranslatable(f"not a /regex/: {text[:40]!r}")
+    closer = _DELIMS.get(opener, opener)
+    depth = 0
+    i = body_start
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if opener != closer and c == opener:
+            depth += 1
+        elif c == closer:
+            if depth == 0:
+                break
+            depth -= 1
+        i += 1
+    else:
+        raise Untranslatable("regex is not closed")
+    pattern = text[body_start:i]
+    m = re.match(r"[a-zA-Z]*", text[i + 1:])
+    flags = m.group(0) if m else ""
+    rest = text[i + 1 + len(flags):].strip()
+    if opener == closer and opener != "/":
+        pattern = pattern.replace("\\" + opener, opener)
+    return pattern, flags, rest
+
+
+def translate_regex(pattern: str, flags: str) -> tuple[str, str]:
+    """A Perl regex and its flags as a Python `regex` pattern and filterd flags."""
+    unknown = set(flags) - set("imsxgo")
+    if unknown:
+        raise Untranslatable(f"regex flag(s) {''.join(sorted(unknown))} not supported")
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\" and i + 1 < n:
+            e = pattern[i + 1]
+            if e == "Q":
+                end = pattern.find("\\E", i + 2)
+                literal = pattern[i + 2:] if end == -1 else pattern[i + 2:end]
+                out.append(rx.escape(literal))
+                i = n if end == -1 else end + 2
+                continue
+            if e == "E":
+                i += 2
+                continue
+            if e == "z":
+                out.append(r"\Z")
+            elif e == "Z":
+                out.append(r"(?=\n?\Z)")
+            elif e == "h":
+                out.append(r"[ \t]")
+            elif e == "H":
+                out.append(r"[^ \t]")
+            elif e == "v":
+                out.append(r"[\n\x0b\f\r\x85\u2028\u2029]")
+            elif e == "e":
+                out.append(r"\x1b")
+            elif e == "c":
+                raise Untranslatable(r"control escape \c is not supported")
+            elif e in "lLuU" and e != "U":
+                raise Untranslatable(f"case-changing escape \\{e} is not supported")
+            elif e == "g":
+                m = re.match(r"\\g\{?(-?\d+)\}?", pattern[i:])
+                if not m or m.group(1).startswith("-"):
+                    raise Untranslatable(r"relative or named \g back-reference")
+                out.append(f"\\{m.group(1)}")
+                i += m.end()
+                continue
+            else:
+                out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if c == "(" and pattern.startswith("(?^", i):
+            raise Untranslatable("(?^...) flag groups are not supported")
+        if c == "(" and pattern.startswith("(?{", i) or pattern.startswith("(??{", i):
+            raise Untranslatable("embedded Perl code in the regex")
+        if c == "{" and pattern.startswith("{,", i):
+            out.append("\\{")          # literal in Perl, a quantifier in Python
+            i += 1
+            continue
+        if c == "$" and i + 1 < n and (pattern[i + 1].isalpha() or pattern[i + 1] == "{"):
+            raise Untranslatable("Perl variable interpolation in the regex")
+        out.append(c)
+        i += 1
+    translated = "".join(out)
+    our_flags = "".join(f for f in "ismx" if f in flags)
+    try:
+        rx.compile(translated, (rx.I if "i" in our_flags else 0) | (rx.S if "s" in our_flags else 0)
+                   | (rx.M if "m" in our_flags else 0) | (rx.X if "x" in our_flags else 0))
+    except Exception as exc:
+        raise Untranslatable(f"regex does not compile in Python: {exc}") from None
+    return translated, our_flags
+
+
+def _parse_header_rule(rest: str) -> dict[str, Any]:
+    rest = rest.strip()
+    if rest.startswith("eval:"):
+        raise Untranslatable(f"eval test {rest.split('(')[0][5:]} (plugin code)")
+    if rest.startswith("exists:"):
+        header = rest[len("exists:"):].strip()
+        if header.lower() in PSEUDO_HEADERS:
+            raise Untranslatable(f"pseudo-header {header} is not modelled")
+        return {"header": header, "exists": True}
+    m = re.match(r"([^\s=!]+)\s*(=~|!~)\s*(.*)$", rest)
+    if not m:
+        raise Untranslatable("cannot read `HEADER =~ /regex/`")
+    header, op, regex_text = m.groups()
+    name, _, modifier = header.partition(":")
+    if name.lower() in PSEUDO_HEADERS:
+        raise Untranslatable(f"pseudo-header {name} is not modelled")
+    if modifier and modifier not in ("raw", "addr", "name"):
+        raise Untranslatable(f"header modifier :{modifier} is not supported")
+    pattern, flags, tail = split_regex(regex_text)
+    entry: dict[str, Any] = {"header": header}
+    if op == "!~":
+        entry["negate"] = True
+    unset = re.match(r"\[\s*if-unset:\s*(.*?)\s*\]", tail)
+    if unset:
+        entry["if_unset"] = unset.group(1)
+    elif tail:
+        raise Untranslatable(f"unexpected text after the regex: {tail[:30]!r}")
+    entry["pattern"], entry["flags"] = translate_regex(pattern, flags)
+    return entry
+
+
+def _meta_expression(text: str) -> str:
+    if re.search(r"[^\w\s()&|!+\-*/<>=.]", text):
+        raise Untranslatable("meta expression uses operators filterd does not have")
+    from filterd.ruleset.expr import ExpressionError, compile_expression
+    try:
+        compile_expression(text)
+    except ExpressionError as exc:
+        raise Untranslatable(f"meta expression: {exc}") from None
+    return text.strip()
+
+
+def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
+    result = ImportResult()
+    pending: dict[str, tuple[str, str, str]] = {}       # name -> (kind, rest, location)
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            result.read_errors.append(f"{path}: {exc.strerror or exc}")
+            continue
+        conditions: list[bool] = []
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = re.sub(r"(?<!\\)#.*$", "", raw).strip()
+            if not line:
+                continue
+            word, rest = (re.split(r"\s+", line, maxsplit=1) + [""])[:2]
+            word = word.lower()
+            rest = rest.strip()
+            if word in ("ifplugin", "if"):
+                negated = word == "if" and rest.lstrip("( ").startswith("!")
+                conditions.append(not negated)
+                continue
+            if word == "else":
+                if conditions:
+                    conditions[-1] = not conditions[-1]
+                continue
+            if word == "endif":
+                if conditions:
+                    conditions.pop()
+                continue
+            if not all(conditions):
+                continue
+            location = f"{path}:{lineno}"
+            if word in RULE_KINDS:
+                name, body = (re.split(r"\s+", rest, maxsplit=1) + [""])[:2]
+                if not name:
+                    continue
+                pending[prefix + name] = (word, body.strip(), location)
+                result.seen[word] = result.seen.get(word, 0) + 1
+            elif word == "score":
+                parts = rest.split()
+                if len(parts) >= 2:
+                    try:
+                        result.scores[prefix + parts[0]] = float(parts[1])
+                    except ValueError:
+                        pass
+            elif word == "describe":
+                name, desc = (re.split(r"\s+", rest, maxsplit=1) + [""])[:2]
+                result.descriptions[prefix + name] = desc.strip()
+            elif word == "tflags":
+                name, flags = (re.split(r"\s+", rest, maxsplit=1) + [""])[:2]
+                result.tflags[prefix + name] = flags.split()
+            else:
+                result.other_lines += 1
+
+    metas: dict[str, tuple[str, str]] = {}
+    for name, (kind, body, location) in pending.items():
+        result.locations[name] = location
+        try:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise Untranslatable("rule name is not letters, digits and _")
+            if kind == "meta":
+                metas[name] = (_meta_expression(body), location)
+                continue
+            if kind in ("header", "mimeheader"):
+                entry = _parse_header_rule(body)
+                if kind == "mimeheader" and (entry.get("negate") or "exists" in entry):
+                    raise Untranslatable("negated or exists: mimeheader rules are not supported")
+            else:
+                if body.startswith("eval:"):
+                    raise Untranslatable(f"eval test {body.split('(')[0][5:]} (plugin code)")
+                pattern, flags, tail = split_regex(body)
+                if tail:
+                    raise Untranslatable(f"unexpected text after the regex: {tail[:30]!r}")
+                pattern, flags = translate_regex(pattern, flags)
+                entry = {"pattern": pattern, "flags": flags}
+            entry = {"kind": kind, **entry}
+            if not entry.get("flags"):
+                entry.pop("flags", None)
+            result.rules[name] = entry
+        except Untranslatable as exc:
+            result.skipped.append(Skipped(name, kind, location, str(exc)))
+
+    # metas: translate those whose every reference resolves to a translated rule or meta
+    from filterd.ruleset.expr import compile_expression
+    remaining = dict(metas)
+    while True:
+        progressed = False
+        for name, (expression, location) in list(remaining.items()):
+            refs = compile_expression(expression).references
+            missing = [r for r in refs if r not in result.rules and r not in remaining]
+            if missing:
+                why = ("refers to a rule that was not translated: " if any(
+                    s.name in missing for s in result.skipped) else "refers to an unknown rule: ")
+                result.skipped.append(Skipped(name, "meta", location, why + ", ".join(sorted(missing))))
+                del remaining[name]
+                progressed = True
+        if not progressed:
+            break
+    for name, (expression, _location) in remaining.items():
+        result.rules[name] = {"kind": "meta", "expression": expression}
+
+    for name, entry in result.rules.items():
+        flags = result.tflags.get(name)
+        if flags:
+            entry["tflags"] = flags
+        entry["description"] = result.descriptions.get(name) or f"SpamAssassin rule {name}"
+        entry["origin"] = f"spamassassin {result.locations[name]}"
+        if not name.startswith("__") and name not in result.scores:
+            # SpamAssassin's default for a rule without a score line
+            result.scores[name] = -1.0 if flags and "nice" in flags else 1.0
+    for name in list(result.scores):
+        if name not in result.rules:
+            del result.scores[name]
+    return result
+
+
+def _toml_string(value: str) -> str:
+    if "'" not in value and "\n" not in value and all(ord(c) >= 32 for c in value):
+        return f"'{value}'"
+    escaped = (value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+               .replace("\t", "\\t"))
+    escaped = "".join(c if ord(c) >= 32 else f"\\u{ord(c):04x}" for c in escaped)
+    return f'"{escaped}"'
+
+
+def to_toml(result: ImportResult) -> str:
+    lines = ["# Imported from SpamAssassin .cf files by `filterd rules import-sa`.",
+             f"# {len(result.rules)} rules translated, {len(result.skipped)} not (see --report).",
+             "", "[meta]", 'family = "spamassassin-import"', ""]
+    for name, entry in result.rules.items():
+        lines.append(f"[rule.{name}]")
+        for key, value in entry.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, list):
+                lines.append(f"{key} = [{', '.join(_toml_string(v) for v in value)}]")
+            else:
+                lines.append(f"{key} = {_toml_string(str(value))}")
+        lines.append("")
+    lines.append("[scores]")
+    for name, score in result.scores.items():
+        lines.append(f"{name} = {score:g}")
+    return "\n".join(lines) + "\n"
+
+
+def summary(result: ImportResult) -> str:
+    per_kind: dict[str, list[int]] = {}
+    for kind, count in result.seen.items():
+        per_kind[kind] = [count, 0]
+    for name, entry in result.rules.items():
+        kind = entry["kind"]
+        per_kind.setdefault(kind, [0, 0])[1] += 1
+    total_seen = sum(v[0] for v in per_kind.values())
+    total_ok = sum(v[1] for v in per_kind.values())
+    parts = [f"{kind} {ok}/{seen}" for kind, (seen, ok) in sorted(per_kind.items())]
+    pct = 100.0 * total_ok / total_seen if total_seen else 0.0
+    return (f"translated {total_ok} of {total_seen} rules ({pct:.1f} %): {', '.join(parts)}; "
+            f"{len(result.skipped)} not translated")
