@@ -98,10 +98,6 @@ def test_after_queue_gtube_is_quarantined_by_default_and_released_once(mta_after
     release_and_check(rig, item)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "filterd/frontends/milter.py overrides only header_bytes(), so pymilter negotiates "
-    "P_NOHDRS and Postfix sends no headers: the milter path stores (and scans) the body only. "
-    "Fix there: define FilterMilter.header(); then remove this xfail"))
 def test_milter_gtube_in_quarantine_band_is_discarded_and_released_once(rig_factory, site_dir):
     rig = rig_factory("milter", {"rules.site_dir": str(site_dir)})
     reply = rig.send(message(subject="milter quarantine", body=f"{GTUBE}\n"))
