@@ -139,10 +139,22 @@ class Daemon:
         if self.milter_thread is not None:
             from filterd.frontends import milter
             milter.stop()
+        # Let messages being scanned finish and get their answer; an MTA whose scan we cut
+        # off tempfails it (milter_default_action / a deferred after-queue delivery).
+        deadline = loop.time() + min(settings.scan.deadline, STOP_GRACE)
+        while self.scanner.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         settings.control_socket.unlink(missing_ok=True)
         return 0
 
 
+STOP_GRACE = 30.0  # seconds a stop waits for messages in flight
+
+
 def serve(settings: Any) -> int:
     prepare_state_dir(settings)
-    return asyncio.run(Daemon(settings).run())
+    rc = asyncio.run(Daemon(settings).run())
+    # libmilter's listener thread notices smfi_stop() only after its 5 s select timeout;
+    # every message has been answered by now, so do not wait for it.
+    logging.shutdown()
+    os._exit(rc)

@@ -91,6 +91,7 @@ class Scanner:
                          for n in settings.scan.trusted_networks]
         self._slots: asyncio.Semaphore | None = None
         self.started = time.time()
+        self.in_flight = 0  # messages being scanned now (a clean stop waits for them)
         self.counters: dict[str, int] = {}
 
     # --- rule set ------------------------------------------------------------------------
@@ -129,8 +130,12 @@ class Scanner:
     async def scan(self, raw: bytes, envelope: Envelope, *, skip_network: bool = False) -> Outcome:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.settings.daemon.max_concurrent_scans)
-        async with self._slots:
-            return await self._scan(raw, envelope, skip_network=skip_network)
+        self.in_flight += 1
+        try:
+            async with self._slots:
+                return await self._scan(raw, envelope, skip_network=skip_network)
+        finally:
+            self.in_flight -= 1
 
     async def _scan(self, raw: bytes, envelope: Envelope, *, skip_network: bool) -> Outcome:
         ruleset = self.ruleset

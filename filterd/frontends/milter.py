@@ -206,8 +206,17 @@ def run(scanner: Any, loop: asyncio.AbstractEventLoop) -> threading.Thread:
 
 
 def stop() -> None:
-    try:
-        import milter
-        milter.stop()
-    except Exception:
-        pass
+    """Ask libmilter to stop accepting connections, without waiting for it.
+
+    smfi_stop() blocks until the listener's 5 s select timeout runs out; the daemon drains the
+    messages in flight itself, so it need not wait here.
+    """
+    import milter
+
+    def _stop() -> None:
+        try:
+            milter.stop()
+        except Exception:
+            pass
+
+    threading.Thread(target=_stop, name="milter-stop", daemon=True).start()
