@@ -39,8 +39,10 @@ SERVICE_FACTORIES: dict[str, Callable[[Any], Any]] = {}
 # Called after each disposition (autolearn, metrics): fn(outcome, disposition) -> None.
 AFTER_SCAN_HOOKS: list[Callable[["Outcome", "Disposition"], Any]] = []
 # Last step before delivery, after every header edit (DKIM signing): given the message as it
-# will be delivered, return headers to add on top: fn(edited_bytes, outcome) -> [(name, value)].
-FINAL_HEADER_HOOKS: list[Callable[[bytes, "Outcome"], list[tuple[str, str]]]] = []
+# will be delivered, the outcome and the Scanner's services, return headers to add on top:
+# fn(edited_bytes, outcome, services) -> [(name, value)].
+FINAL_HEADER_HOOKS: list[Callable[[bytes, "Outcome", dict[str, Any]],
+                                  list[tuple[str, str]]]] = []
 # Background jobs the daemon runs: (interval in seconds, fn(settings) -> None) (quarantine
 # expiry, Bayes expiry...). They run in a worker thread; errors are logged, never fatal.
 PERIODIC_TASKS: list[tuple[float, Callable[[Any], Any]]] = [
@@ -212,7 +214,7 @@ class Scanner:
             edited = apply_to_bytes(outcome.view.raw, edits)
             extra: list[tuple[str, str]] = []
             for hook in FINAL_HEADER_HOOKS:
-                extra.extend(hook(edited, outcome))
+                extra.extend(hook(edited, outcome, self.services))
             if extra:
                 edits = replace(edits, add=tuple(extra) + edits.add)
         return Disposition(Action.ACCEPT, 250, "2.0.0", "Ok", edits=edits)

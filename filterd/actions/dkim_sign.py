@@ -170,20 +170,13 @@ def from_domain(message: bytes) -> str:
     return addr.rpartition("@")[2].lower() if "@" in addr else ""
 
 
-# The signer of the running daemon: made by its service factory (it needs the settings, which
-# the final-header hook is not given).
-_active: Signer | None = None
-
-
 def _factory(settings: Any) -> Signer:
-    global _active
-    _active = Signer(settings)
-    return _active
+    return Signer(settings)
 
 
-def sign_outgoing(edited: bytes, outcome: Any) -> list[tuple[str, str]]:
+def sign_outgoing(edited: bytes, outcome: Any, services: dict[str, Any]) -> list[tuple[str, str]]:
     """FINAL_HEADER_HOOKS entry: DKIM-Signature headers for originating mail, else nothing."""
-    signer = _active
+    signer = services.get("dkim_signer")
     if signer is None or not outcome.originating or not signer.settings.dkim.sign:
         return []
     domain = from_domain(edited)
