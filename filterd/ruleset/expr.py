@@ -7,15 +7,15 @@ Settings: none. Symbols: none (filterd.ruleset.engine turns a true expression in
 Grammar (SpamAssassin's meta syntax, plus `and`/`or`/`not` as words):
     expr    := or
     or      := and   (("||" | "or")  and)*
-    and     := not   (("&&" | "and") not)*
-    not     := ("!" | "not") not | compare
+    and     := compare (("&&" | "and") compare)*
     compare := sum   ((">" | ">=" | "<" | "<=" | "==" | "!=") sum)?
     sum     := term  (("+" | "-") term)*
     term    := unary (("*" | "/") unary)*
-    unary   := ("-" | "!") unary | atom      (so "A + !B" counts like SpamAssassin's)
+    unary   := ("-" | "!" | "not") unary | atom   (tightest, as Perl's "!": "!A + B" is "(!A) + B")
     atom    := NUMBER | SYMBOL_NAME | "(" expr ")"
 A symbol name stands for how many times that symbol fired (0 when it did not); a comparison or
-boolean operator gives 1 or 0. Division by zero gives 0 rather than an error.
+! gives 1 or 0; && and || give the operand that decided, as in Perl (so SpamAssassin metas such
+as "(A && B) + C > 1" mean the same). Division by zero gives 0 rather than an error.
 """
 
 from __future__ import annotations
@@ -108,22 +108,18 @@ class _Parser:
         left = self.and_()
         while self.accept("||"):
             right = self.and_()
-            left = (lambda a, b: lambda v: 1.0 if (a(v) or b(v)) else 0.0)(left, right)
+            left = (lambda a, b: lambda v: a(v) or b(v))(left, right)
         return left
 
     def and_(self) -> Evaluator:
         left = self.not_()
         while self.accept("&&"):
             right = self.not_()
-            left = (lambda a, b: lambda v: 1.0 if (a(v) and b(v)) else 0.0)(left, right)
+            left = (lambda a, b: lambda v: a(v) and b(v))(left, right)
         return left
 
     def not_(self) -> Evaluator:
-        if self.accept("!"):
-            self._enter()
-            inner = self.not_()
-            self.depth -= 1
-            return lambda v: 0.0 if inner(v) else 1.0
+        # "!" binds tightest (unary), as in Perl: "!A + B" is "(!A) + B"
         return self.compare()
 
     def compare(self) -> Evaluator:
