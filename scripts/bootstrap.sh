@@ -16,7 +16,7 @@ VENV=.venv
 STAMP_DIR=$VENV/.stamps
 
 run_pkgs=(libmilter-dev gcc libmagic1 clamav-daemon)
-test_pkgs=(postfix swaks clamav clamav-testfiles unbound redis-server)
+test_pkgs=(postfix swaks clamav clamav-testfiles unbound redis-server chromium)
 bench_pkgs=(spamassassin spamc spamd sa-compile rspamd bogofilter)
 
 pkgs=("${run_pkgs[@]}")
