@@ -19,6 +19,7 @@ and whatever the registered header builders add (X-Virus-Status, Authentication-
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -63,9 +64,13 @@ def spam_status(verdict: Verdict) -> str:
     return f"{flag}, score={fmt_score(verdict.score)} required={fmt_score(verdict.required)} tests=[{tests}]"
 
 
+@functools.lru_cache(maxsize=64)
+def _pattern(patterns: tuple[str, ...]) -> "re.Pattern[str]":
+    return re.compile("|".join(fnmatch.translate(p.lower()) for p in patterns) or "(?!)")
+
+
 def _matches(name: str, patterns: list[str]) -> bool:
-    lname = name.lower()
-    return any(fnmatch.fnmatchcase(lname, p.lower()) for p in patterns)
+    return _pattern(tuple(patterns)).match(name.lower()) is not None
 
 
 def removals(view: MessageView, settings: Any) -> tuple[tuple[str, int], ...]:
