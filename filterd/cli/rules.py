@@ -51,10 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--test-half", default="B", help="half to measure on (default B)")
     q.add_argument("--output", metavar="TOML", help="fitted scores file (default: <rules dir>/scores-fitted.toml)")
     q.add_argument("--report", metavar="MD", help="fit report (default: <rules dir>/FIT-REPORT.md)")
-    q.add_argument("--cap", type=float, default=4.0, help="largest absolute score of one rule")
-    q.add_argument("--l2", type=float, default=0.02, help="L2 regularisation strength")
-    q.add_argument("--ham-weight", type=float, default=8.0,
-                   help="how much more a ham error costs than a spam error")
+    q.add_argument("--cap", type=float, default=5.0, help="largest absolute score of one rule")
+    q.add_argument("--l2", type=float, default=1e-4, help="L2 regularisation strength")
+    q.add_argument("--ham-weight", type=_float_list, default=(1.0, 2.0, 4.0), metavar="W[,W...]",
+                   help="ham error weights to try (each class weighs as much in total, ham errors "
+                        "W times more on top); the one with the lowest out-of-fold FN wins "
+                        "(default 1,2,4)")
+    q.add_argument("--fp-target", type=float, default=0.3, metavar="PERCENT",
+                   help="out-of-fold FP rate on the fit half that sets the score scale "
+                        "(default 0.3)")
+    q.add_argument("--folds", type=int, default=5, help="folds for the out-of-fold scores")
     q.add_argument("--limit", type=int, default=0, help="use at most N messages per half (0: all)")
     q.set_defaults(func=run_fit)
 
@@ -67,6 +73,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--prefix", default="", help="prefix for imported rule names (e.g. SA_)")
     q.set_defaults(func=run_import_sa)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text!r}")
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError("weights must be positive")
+    return values
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -183,7 +199,8 @@ def run_fit(args: argparse.Namespace) -> int:
                         test_half=args.test_half,
                         output=Path(args.output) if args.output else shipped / "scores-fitted.toml",
                         report=Path(args.report) if args.report else shipped / "FIT-REPORT.md",
-                        cap=args.cap, l2=args.l2, ham_weight=args.ham_weight, limit=args.limit,
+                        cap=args.cap, l2=args.l2, ham_weights=args.ham_weight,
+                        fp_target=args.fp_target / 100.0, folds=args.folds, limit=args.limit,
                         settings=settings)
     except (RulesetError, fit.FitError) as exc:
         print(f"filterd: rules fit: {exc}", file=sys.stderr)

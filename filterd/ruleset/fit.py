@@ -7,12 +7,13 @@ Symbols: none; it writes a scores table and a report.
 
 The model is SpamAssassin's rescoring idea in a small form: the score of a message is the sum
 of the weights of the rules that hit plus the fixed scores of every other symbol (core sanity
-checks, hand-set in scores.toml); the probability of spam is sigmoid(score - tag2_level), so
-the decision threshold of the fit is the one the daemon uses. Weights minimise the
-class-weighted log loss (a ham error costs --ham-weight times more: false positives are worse)
-plus an L2 penalty pulling each weight toward a small prior, by projected gradient descent
-(Adam) within [0, cap] for spam signs and [-cap, 0] for rules marked `nice`. A rule that never
-hits in training keeps its prior. Only rules and checks that need no network and no learning are
+checks, hand-set in scores.toml), compared with tag2_level. The weights come from a
+sign-constrained logistic regression (spam signs >= 0, rules marked `nice` <= 0) with a free
+intercept, which gives the shape of the decision; the scale that turns that into points is
+chosen on the training half alone: k-fold out-of-fold scores, the largest scale whose FP rate at
+tag2_level stays within --fp-target, and among --ham-weight candidates the one with the lowest
+out-of-fold FN (see `fit_weights`). Scores are capped at --cap points. A rule that never hits in
+training keeps a small prior. Only rules and checks that need no network and no learning are
 run: these are the numbers of the rules alone.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -100,9 +102,9 @@ def collect(samples: Sequence[Sample], root: Path, ruleset: Any, settings: Any,
     return out
 
 
-def fit_weights(hits: Sequence[Iterable[str]], labels: Sequence[int], features: Sequence[str],
-                nice: set[str], fixed: dict[str, float], threshold: float, *, cap: float,
-                l2: float, ham_weight: float, iterations: int = 3000) -> dict[str, float]:
+def hit_matrix(hits: Sequence[Iterable[str]], features: Sequence[str],
+               fixed: dict[str, float]) -> tuple[Any, Any]:
+    """0/1 matrix of rule hits (messages x features) and each message's fixed-score sum."""
     import numpy as np
     index = {name: i for i, name in enumerate(features)}
     X = np.zeros((len(hits), len(features)))
@@ -113,27 +115,144 @@ def fit_weights(hits: Sequence[Iterable[str]], labels: Sequence[int], features: 
                 X[row, index[name]] = 1.0
             else:
                 offset[row] += fixed.get(name, 0.0)
-    y = np.asarray(labels, dtype=float)
+    return X, offset
+
+
+def _logistic(X: Any, y: Any, sample_w: Any, lo: Any, hi: Any, *, l2: float,
+              iterations: int) -> tuple[Any, float]:
+    """Weighted L2 logistic regression with a free intercept and box bounds on the weights.
+
+    Projected Adam; the intercept is not a rule and is never shipped: it only lets the weights
+    find the shape of the decision, whose scale `calibrate` sets afterwards.
+    """
+    import numpy as np
+    n, d = X.shape
+    # X is 0/1 and sparse (a message hits a handful of rules): work on the hit positions
+    rows, cols = np.nonzero(X)
+    w = np.zeros(d)
+    b = 0.0
+    m = np.zeros(d + 1)
+    v = np.zeros(d + 1)
+    lr, b1, b2 = 0.05, 0.9, 0.999
+    for t in range(1, iterations + 1):
+        z = np.bincount(rows, weights=w[cols], minlength=n) + b
+        p = 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
+        g = (p - y) * sample_w
+        grad = np.concatenate([np.bincount(cols, weights=g[rows], minlength=d) + l2 * w,
+                               [g.sum()]])
+        m = b1 * m + (1 - b1) * grad
+        v = b2 * v + (1 - b2) * grad * grad
+        step = lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + 1e-9)
+        w = np.clip(w - step[:-1], lo, hi)
+        b -= step[-1]
+    return w, b
+
+
+def _class_weights(y: Any, ham_weight: float) -> Any:
+    import numpy as np
     n_spam, n_ham = max(y.sum(), 1.0), max(len(y) - y.sum(), 1.0)
     # each class weighs as much in total; ham errors ham_weight times more on top
     sample_w = np.where(y == 1, 1.0 / n_spam, ham_weight / n_ham)
-    sample_w = sample_w / sample_w.sum()
-    lo = np.array([-cap if f in nice else 0.0 for f in features])
-    hi = np.array([0.0 if f in nice else cap for f in features])
-    prior = np.array([-PRIOR if f in nice else PRIOR for f in features])
-    w = prior.copy()
-    m = np.zeros_like(w)
-    v = np.zeros_like(w)
-    lr, b1, b2 = 0.05, 0.9, 0.999
-    for t in range(1, iterations + 1):
-        z = X @ w + offset - threshold
-        p = 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
-        grad = X.T @ ((p - y) * sample_w) + l2 * (w - prior)
-        m = b1 * m + (1 - b1) * grad
-        v = b2 * v + (1 - b2) * grad * grad
-        w -= lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + 1e-9)
-        w = np.clip(w, lo, hi)
-    return {f: round(float(w[i]), 2) for i, f in enumerate(features)}
+    return sample_w / sample_w.sum()
+
+
+def largest_scale(raw_ham: Any, offset_ham: Any, threshold: float, fp_target: float) -> float:
+    """The largest k such that at most fp_target of ham has k*raw + offset >= threshold.
+
+    raw scores are in the fit's units; the scale turns them into points on the daemon's
+    scale, where the threshold is tag2_level. A larger k catches more spam, so the largest
+    one that keeps the false positives within the target is the operating point.
+    """
+    import numpy as np
+    allowed = int(len(raw_ham) * fp_target)
+    # each ham message crosses the threshold at k = (threshold - offset) / raw (raw > 0)
+    need = threshold - offset_ham
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross = np.where(raw_ham > 0, np.where(need > 0, need / raw_ham, 0.0), np.inf)
+    cross = np.where(need <= 0, 0.0, cross)
+    order = np.sort(cross)
+    if allowed >= len(order):
+        return float("inf")
+    # just below the (allowed+1)-th smallest crossing point
+    return float(order[allowed]) * (1.0 - 1e-6)
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """How a fit chose its operating point (for the report)."""
+
+    ham_weight: float
+    scale: float
+    oof_fp: float        # out-of-fold FP rate on half A at tag2_level after scaling
+    oof_fn: float
+    candidates: tuple[tuple[float, float, float], ...]   # (ham weight, oof FP, oof FN)
+
+
+def fit_weights(hits: Sequence[Iterable[str]], labels: Sequence[int], features: Sequence[str],
+                nice: set[str], fixed: dict[str, float], threshold: float, *, cap: float,
+                l2: float, ham_weights: Sequence[float], fp_target: float, folds: int = 5,
+                fold_keys: Sequence[str] | None = None, iterations: int = 2000
+                ) -> tuple[dict[str, float], Calibration]:
+    """Fitted scores on the daemon's scale, with the operating point chosen out of fold.
+
+    1. The shape: a sign-constrained logistic regression with a free intercept (spam signs
+       >= 0, `nice` rules <= 0), class-balanced, ham errors `ham_weight` times dearer.
+    2. The scale: k-fold over the training half; every training message is scored by a model
+       that did not see it, and the largest scale whose out-of-fold FP rate at tag2_level
+       stays within `fp_target` is applied to the model fitted on the whole half. The held-out
+       half is never looked at.
+    3. Each ham weight in `ham_weights` is tried and the one with the lowest out-of-fold FN
+       at that FP wins. Scores are capped at `cap` points (refit with the bound in force).
+    A rule that never hits in training keeps a small prior (+-PRIOR).
+    """
+    import numpy as np
+    X, offset = hit_matrix(hits, features, fixed)
+    y = np.asarray(labels, dtype=float)
+    is_nice = np.array([f in nice for f in features])
+    keys = list(fold_keys) if fold_keys is not None else [str(i) for i in range(len(y))]
+    fold_of = np.array([zlib.crc32(k.encode()) % folds for k in keys])
+    seen = X.sum(axis=0) > 0
+
+    def bounds(limit: float) -> tuple[Any, Any]:
+        return np.where(is_nice, -limit, 0.0), np.where(is_nice, 0.0, limit)
+
+    def scaled_fit(ham_weight: float) -> tuple[Any, float, float, float]:
+        limit = np.inf
+        scale = 1.0
+        for _round in range(3):
+            lo, hi = bounds(limit)
+            oof = np.zeros(len(y))
+            for fold in range(folds):
+                train = fold_of != fold
+                w, _b = _logistic(X[train], y[train], _class_weights(y[train], ham_weight),
+                                  lo, hi, l2=l2, iterations=iterations)
+                oof[~train] = X[~train] @ w
+            w_all, _b = _logistic(X, y, _class_weights(y, ham_weight), lo, hi, l2=l2,
+                                  iterations=iterations)
+            ham = y == 0
+            scale = largest_scale(oof[ham], offset[ham], threshold, fp_target)
+            if not np.isfinite(scale):
+                scale = 1.0
+            if (np.abs(w_all) * scale).max() <= cap + 1e-9:
+                break
+            limit = cap / scale          # the cap, in the fit's units at this scale
+        points = oof * scale + offset
+        fp = float((points[y == 0] >= threshold).mean()) if (y == 0).any() else 0.0
+        fn = float((points[y == 1] < threshold).mean()) if (y == 1).any() else 0.0
+        return np.clip(w_all * scale, -cap, cap), scale, fp, fn
+
+    best: tuple[Any, float, float, float, float] | None = None
+    tried = []
+    for ham_weight in ham_weights:
+        w, scale, fp, fn = scaled_fit(ham_weight)
+        tried.append((ham_weight, fp, fn))
+        if best is None or (fn, fp) < (best[4], best[3]):
+            best = (w, ham_weight, scale, fp, fn)
+    assert best is not None
+    w, ham_weight, scale, fp, fn = best
+    w = np.where(seen, w, np.where(is_nice, -PRIOR, PRIOR))
+    weights = {f: round(float(w[i]), 2) for i, f in enumerate(features)}
+    return weights, Calibration(ham_weight, scale, fp, fn, tuple(tried))
 
 
 def score_of(names: Iterable[str], scores: dict[str, float]) -> float:
@@ -199,7 +318,8 @@ def metrics_table(results: dict[str, dict[str, float]]) -> list[str]:
 
 def main(*, shipped: Path, site: Path | None, corpora: list[Path], split: Path | None,
          half: str, test_half: str, output: Path, report: Path, cap: float, l2: float,
-         ham_weight: float, limit: int, settings: Any) -> int:
+         ham_weights: Sequence[float], fp_target: float, folds: int, limit: int,
+         settings: Any) -> int:
     from filterd.ruleset import load
     settings = make_settings(settings)
     ruleset = load(shipped, site)
@@ -223,8 +343,10 @@ def main(*, shipped: Path, site: Path | None, corpora: list[Path], split: Path |
     train_hits = collect(train, root, ruleset, settings)
     test_hits = collect(test, root, ruleset, settings)
     scan_seconds = time.time() - started
-    weights = fit_weights(train_hits, [s.label for s in train], features, nice, fixed, threshold,
-                          cap=cap, l2=l2, ham_weight=ham_weight)
+    weights, calibration = fit_weights(
+        train_hits, [s.label for s in train], features, nice, fixed, threshold, cap=cap, l2=l2,
+        ham_weights=ham_weights, fp_target=fp_target, folds=folds,
+        fold_keys=[s.path for s in train])
     scores = {**fixed, **weights}
     train_eval = evaluate(train, train_hits, scores, threshold)
     test_eval = evaluate(test, test_hits, scores, threshold)
@@ -235,10 +357,11 @@ def main(*, shipped: Path, site: Path | None, corpora: list[Path], split: Path |
             for name in set(names):
                 if name in counts:
                     counts[name][base + sample.label] += 1
-    write_scores(output, weights, half=half, cap=cap, l2=l2, ham_weight=ham_weight,
-                 n=len(train))
+    write_scores(output, weights, half=half, cap=cap, l2=l2, calibration=calibration,
+                 fp_target=fp_target, folds=folds, n=len(train))
     write_report(report, weights, counts, nice, train_eval, test_eval, half=half,
-                 test_half=test_half, cap=cap, l2=l2, ham_weight=ham_weight, threshold=threshold,
+                 test_half=test_half, cap=cap, l2=l2, calibration=calibration,
+                 fp_target=fp_target, folds=folds, threshold=threshold,
                  n_train=len(train), n_test=len(test), scan_seconds=scan_seconds,
                  n_messages=len(train) + len(test))
     print("\n".join(metrics_table(test_eval)))
@@ -250,7 +373,9 @@ def write_scores(path: Path, weights: dict[str, float], **info: Any) -> None:
     lines = ["# Fitted scores of the default pattern rules: written by `filterd rules fit`, do not",
              "# edit by hand (sites override in local.d/). How they were fitted: FIT-REPORT.md.",
              f"# half {info['half']} ({info['n']} messages), cap {info['cap']:g}, l2 {info['l2']:g}, "
-             f"ham weight {info['ham_weight']:g}", "", "[scores]"]
+             f"ham weight {info['calibration'].ham_weight:g}, scale {info['calibration'].scale:.3f} "
+             f"for out-of-fold FP <= {100 * info['fp_target']:g} % ({info['folds']} folds)",
+             "", "[scores]"]
     for name in sorted(weights):
         lines.append(f"{name} = {weights[name]:.2f}")
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -265,9 +390,19 @@ def write_report(path: Path, weights: dict[str, float], counts: dict[str, list[i
              "meta rules plus the core sanity checks; no Bayes, no DNS lists, no network.",
              f"Fitted on half {info['half']} ({info['n_train']} messages) and measured on half "
              f"{info['test_half']} ({info['n_test']} messages) of ../shared/corpora (SPLIT.tsv);",
-             f"spam verdict = score ≥ tag2_level {info['threshold']:g}. Parameters: score cap "
-             f"{info['cap']:g}, L2 {info['l2']:g} toward a prior of ±{PRIOR:g}, ham errors weigh "
-             f"{info['ham_weight']:g}×.",
+             f"spam verdict = score ≥ tag2_level {info['threshold']:g}.", "",
+             "How: a sign-constrained logistic regression (spam signs ≥ 0, `nice` rules ≤ 0) with",
+             "a free intercept gives the shape; the scale that turns it into points is the largest",
+             f"whose out-of-fold FP rate on half {info['half']} ({info['folds']} folds: every message "
+             "scored by a model that",
+             f"did not see it) stays ≤ {100 * info['fp_target']:g} % at tag2_level; the ham weight "
+             "with the lowest out-of-fold FN",
+             f"at that point wins. Score cap {info['cap']:g}, L2 {info['l2']:g}. The held-out half "
+             "is only measured, never used to choose.", "",
+             "| ham weight | out-of-fold FP | out-of-fold FN |", "|---:|---:|---:|",
+             *[f"| {hw:g}{' (chosen)' if hw == info['calibration'].ham_weight else ''} | "
+               f"{_pct(fp)} | {_pct(fn)} |" for hw, fp, fn in info['calibration'].candidates],
+             "", f"Scale {info['calibration'].scale:.3f} points per fit unit.",
              f"Scanning {info['n_messages']} messages took {info['scan_seconds']:.0f}s.", "",
              f"## Measured on half {info['test_half']} (held out from the fit)", "",
              *metrics_table(test_eval), "",
