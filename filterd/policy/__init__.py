@@ -66,6 +66,9 @@ class Levels:
     tag2_level: float = 6.0
     kill_level: float = 10.0
     reject_level: float = 15.0
+    # originating mail is not spam-scored, but a score this high is refused all the same
+    # (a compromised account); infinite = off. Policy banks set it (rules/banks/).
+    originating_reject_level: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,17 +109,24 @@ def score_symbols(symbols: Sequence[Symbol], scores: Mapping[str, float]) -> tup
 
 
 def decide(symbols: Sequence[Symbol], scores: Mapping[str, float], policy: Policy, *,
-           originating: bool = False, failure: str | None = None) -> Verdict:
+           originating: bool = False, failure: str | None = None,
+           spam_checks: bool | None = None) -> Verdict:
     """Turn the symbols of one scan into a verdict.
 
     `failure` names a whole-scan failure (e.g. "deadline", "internal_error") looked up in
     policy.failures; without an entry it tempfails, because an unexplained failure must
     never turn into an accept.
+    `spam_checks` False makes the score lead to no spam tag or action (a recipient that
+    bypasses spam checks, originating mail); None derives it from `originating` as before.
+    Originating mail that is not spam-scored is still refused at
+    levels.originating_reject_level.
     """
     scored = score_symbols(symbols, scores)
     total = round(math.fsum(s.score for s in scored), 3)
     levels = policy.levels
-    spam_scored = not originating or policy.spam_checks_for_originating
+    if spam_checks is None:
+        spam_checks = not originating or policy.spam_checks_for_originating
+    spam_scored = spam_checks
 
     action, reason = Action.ACCEPT, "clean"
     tagged = spam_scored and total >= levels.tag_level
@@ -130,6 +140,10 @@ def decide(symbols: Sequence[Symbol], scores: Mapping[str, float], policy: Polic
             action, reason = Action.SPAM, f"spam score {total:g} >= tag2_level {levels.tag2_level:g}"
         elif tagged:
             action, reason = Action.TAG, f"score {total:g} >= tag_level {levels.tag_level:g}"
+    elif originating and total >= levels.originating_reject_level:
+        action, reason = Action.REJECT, (f"outbound spam score {total:g} >= "
+                                         f"originating_reject_level "
+                                         f"{levels.originating_reject_level:g}")
 
     for sym in scored:
         forced = policy.forced.get(sym.name) or policy.failures.get(sym.name)
