@@ -1,7 +1,7 @@
 """`filterd serve`: both front ends, the control socket and signal handling in one process.
 
 Trusts: root only to create the state directory and switch to daemon.user.
-Reads: daemon.*, milter.*, smtp.*, control.socket.
+Reads: daemon.*, milter.*, smtp.*, lmtp.listen, policy.smtp_extra_listen, control.socket.
 
 The event loop runs in the main thread (so SIGTERM/SIGHUP reach Python); libmilter runs in a
 thread of its own and hands each message to the loop. SIGHUP and `filterd reload` validate the
@@ -117,9 +117,16 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         control = await __import__("filterd.control", fromlist=["serve"]).serve(
             settings.control_socket, self.control)
+        extra_servers: list[asyncio.AbstractServer] = []
         if settings.smtp.enabled:
             from filterd.frontends import smtp
             self.smtp_server = await smtp.start_server(self.scanner)
+            for listen in settings.policy.smtp_extra_listen:  # e.g. submission's filter port
+                extra_servers.append(await smtp.start_server(self.scanner, listen))
+        if settings.lmtp.listen:
+            from filterd.frontends import smtp
+            extra_servers.append(await smtp.start_server(self.scanner, settings.lmtp.listen,
+                                                         lmtp=True))
         if settings.milter.enabled:
             from filterd.frontends import milter
             self.milter_thread = milter.run(self.scanner, loop)
@@ -136,6 +143,8 @@ class Daemon:
         control.close()
         if self.smtp_server is not None:
             self.smtp_server.close()
+        for server in extra_servers:
+            server.close()
         if self.milter_thread is not None:
             from filterd.frontends import milter
             milter.stop()

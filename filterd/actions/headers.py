@@ -5,7 +5,9 @@ header a registered removal rule claims, e.g. a forged Authentication-Results wi
 authserv-id) are removed before ours are added, so a sender cannot forge a verdict. No other
 header is ever touched.
 Reads: headers.virus_scanned, headers.remove_incoming, headers.always_add_spam_headers,
-daemon.hostname; the policy's subject_tag.
+daemon.hostname; the policy's subject_tag. X-Spam-* headers and the subject tag are only for
+recipients the policy gives them (local recipients not bypassing spam checks: build_edits'
+`spam_headers`, decided per recipient group by filterd.policy.recipients).
 
 Added (at the top, as amavis does):
   X-Virus-Scanned   on every scanned message
@@ -86,13 +88,20 @@ def removals(view: MessageView, settings: Any) -> tuple[tuple[str, int], ...]:
 
 
 def build_edits(view: MessageView, verdict: Verdict, settings: Any, *, subject_tag: str,
-                originating: bool = False) -> HeaderEdits:
-    """The header edits for a message that will be delivered."""
+                originating: bool = False, spam_headers: bool | None = None) -> HeaderEdits:
+    """The header edits for a message that will be delivered.
+
+    `spam_headers` False (a recipient outside policy.local_domains, one that bypasses spam
+    checks, a bank without spam headers) leaves out the X-Spam-* headers and the subject tag,
+    as amavis does for non-local recipients; None decides by `originating` alone.
+    """
+    if spam_headers is None:
+        spam_headers = not originating
     add: list[tuple[str, str]] = []
     hostname = settings.hostname
     if settings.headers.virus_scanned:
         add.append(("X-Virus-Scanned", settings.headers.virus_scanned.format(hostname=hostname)))
-    if (verdict.tagged or settings.headers.always_add_spam_headers) and not originating:
+    if (verdict.tagged or settings.headers.always_add_spam_headers) and spam_headers:
         add.append(("X-Spam-Flag", "YES" if verdict.is_spam else "NO"))
         add.append(("X-Spam-Score", fmt_score(verdict.score)))
         stars = min(max(int(verdict.score), 0), MAX_LEVEL_STARS)
@@ -110,8 +119,8 @@ def build_edits(view: MessageView, verdict: Verdict, settings: Any, *, subject_t
             add.append((name, value))
     subject = None
     had_subject = view.has_header("Subject")
-    if verdict.is_spam and subject_tag and verdict.action in (Action.SPAM, Action.TAG,
-                                                              Action.ACCEPT, Action.QUARANTINE):
+    taggable = verdict.action in (Action.SPAM, Action.TAG, Action.ACCEPT, Action.QUARANTINE)
+    if spam_headers and verdict.is_spam and subject_tag and taggable:
         current = view.subject
         if not current.startswith(subject_tag.strip()):
             subject = subject_tag + current

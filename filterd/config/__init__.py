@@ -297,6 +297,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bayes.expire_interval", "float", 86400.0,
             "Seconds between expiry runs in the daemon; 0 disables them (run `filterd bayes "
             "expire` from cron instead).", minimum=0),
+    # --- policy per site, domain and recipient (docs/policy.md) ------------------------
+    Setting("policy.local_domains", "list", [],
+            "Domains whose recipients are ours ('example.com'; '.example.com' adds its "
+            "subdomains): only they get X-Spam-* headers and the subject tag (amavis: "
+            "@local_domains_maps). Empty: every recipient is local."),
+    Setting("policy.recipient_map", "str", "",
+            "TOML file of per-recipient and per-domain settings (keys user@domain, @domain, "
+            "@.domain, @.); relative to the site directory; '' for none."),
+    Setting("policy.recipient_db", "str", "",
+            "SQLite database of the same settings (table recipient_policy), for large sites; "
+            "relative to the site directory; '' for none. Its rows win over the map's."),
+    Setting("policy.recipient_delimiter", "str", "+",
+            "Characters that start an address extension (user+ext@domain is looked up as "
+            "user@domain too), as Postfix's recipient_delimiter; '' for none."),
+    Setting("policy.smtp_extra_listen", "list", [],
+            "More after-queue SMTP listeners (HOST:PORT), e.g. one for the submission "
+            "service's content_filter; policy banks select on their `port`."),
+    Setting("lmtp.listen", "str", "",
+            "HOST:PORT of an LMTP listener (Postfix content_filter = lmtp:...) that answers "
+            "each recipient separately; '' disables it."),
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}

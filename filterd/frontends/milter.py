@@ -8,6 +8,12 @@ Reads: milter.listen, milter.timeout, milter.quarantine_reply, scan.deadline.
 Outcomes: headers and subject are edited at end of message; REJECT answers
 550 5.7.1 <reason>; TEMPFAIL answers 451 4.7.1; quarantine stores durably, then DISCARDs.
 Any internal error or a missed deadline is a TEMPFAIL: never an accept of unscanned mail.
+
+Mixed recipients (docs/policy.md): when recipients' policies differ, recipients whose copy is
+held (quarantined in one item) or discarded are removed with smfi_delrcpt and the others are
+delivered with the header edits of the most severe delivered group; when every recipient
+rejects, the message is rejected. Policy banks may select on the macros {daemon_name},
+{daemon_port}, {auth_authen}.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class FilterMilter(Milter.Base):
     def _reset(self) -> None:
         self.mail_from = ""
         self.rcpts: list[str] = []
+        self.rcpts_as_sent: dict[str, str] = {}  # address -> as the MTA gave it (delrcpt)
         self.headers: list[bytes] = []
         self.chunks: list[bytes] = []
         self.auth: str | None = None
@@ -85,7 +92,9 @@ class FilterMilter(Milter.Base):
 
     @Milter.noreply
     def envrcpt(self, to: str, *params: str) -> int:
-        self.rcpts.append(to.strip().strip("<>"))
+        address = to.strip().strip("<>")
+        self.rcpts.append(address)
+        self.rcpts_as_sent.setdefault(address, to.strip())
         return Milter.CONTINUE
 
     def header_bytes(self, name: bytes | str, value: bytes) -> int:
@@ -112,7 +121,8 @@ class FilterMilter(Milter.Base):
 
     def _envelope(self) -> Envelope:
         macros = []
-        for name in ("{daemon_name}", "{auth_type}", "{auth_authen}", "j", "i", "{client_addr}"):
+        for name in ("{daemon_name}", "{daemon_port}", "{auth_type}", "{auth_authen}", "j", "i",
+                     "{client_addr}"):
             try:
                 value = self.getsymval(name)
             except Exception:
@@ -158,6 +168,8 @@ class FilterMilter(Milter.Base):
             return Milter.TEMPFAIL
         if action is Action.DISCARD:
             return Milter.DISCARD
+        for address in disposition.remove_rcpts:  # held or dropped for these recipients
+            self.delrcpt(self.rcpts_as_sent.get(address, f"<{address}>"))
         if disposition.edits is not None:
             self._apply(disposition.edits)
         return Milter.ACCEPT
