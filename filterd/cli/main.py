@@ -24,6 +24,7 @@ COMMANDS = (
     "filterd.cli.dkim",
     "filterd.cli.learn",
     "filterd.cli.bayes",
+    "filterd.cli.policy",
 )
 
 EPILOG = """\

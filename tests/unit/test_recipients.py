@@ -310,3 +310,24 @@ def test_lmtp_answers_each_recipient(aq):
         assert [c for c, _ in replies] == [451, 250], replies   # held copy stored: 250
     finally:
         rig.loop.call_soon_threadsafe(server.close)
+
+
+# ---- CLI --------------------------------------------------------------------------------
+
+def test_policy_show_names_the_layer_of_each_value(tmp_path, core_rules, capsys):
+    from filterd.cli.main import main
+    values = settings_for(tmp_path, core_rules)
+    cfg = tmp_path / "filterd.toml"
+    cfg.write_text(f'[rules]\ndir = "{values["rules.dir"]}"\nsite_dir = '
+                   f'"{values["rules.site_dir"]}"\n[policy]\nrecipient_map = '
+                   f'"recipients.toml"\nlocal_domains = ["test.example"]\n')
+    assert main(["--config", str(cfg), "--state-dir", str(tmp_path / "st"), "policy", "show",
+                 "lover+x@test.example", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["policy"]
+    assert shown["spam_lover"] == {"value": True,
+                                   "from": f"{tmp_path / 'site' / 'recipients.toml'} "
+                                           f"[lover@test.example]"}
+    assert shown["tag2_level"] == {"value": 6.0, "from": "rules"}
+    (tmp_path / "site" / "recipients.toml").write_text('["x@y"]\nlover = 1\n')
+    assert main(["--config", str(cfg), "policy", "show", "x@y"]) == 1
+    assert "x@y.lover: unknown key" in capsys.readouterr().err
