@@ -132,3 +132,18 @@ def test_authenticated_sender_is_originating_and_not_tagged(tmp_path, core_rules
     assert rc == Milter.ACCEPT
     added = [c[1] for c in calls if c[0] == "addheader"]
     assert added == ["X-Virus-Scanned"]
+
+
+def test_nagle_is_disabled_on_the_listening_socket():
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        assert milter_frontend._inet_port(f"inet:{port}@127.0.0.1") == port
+        assert milter_frontend._inet_port("unix:/run/filterd/milter.sock") is None
+        assert milter_frontend._disable_nagle(port, wait=1.0)
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        listener.close()
