@@ -317,7 +317,8 @@ class Engine:
         use_hs = mode != "re" and HAVE_HYPERSCAN
         texts = _Texts(view)
         for rule in self.exists_rules:
-            present = view.has_header(rule.header)
+            present = (pseudo_header(view, rule.header) is not None
+                       if rule.header in PSEUDO_HEADERS else view.has_header(rule.header))
             if present == rule.exists:
                 hits[rule.name] = (f"{rule.header}: {_excerpt_of(view.first(rule.header))}"
                                    if present else f"(no {rule.header} header)")
@@ -523,19 +524,102 @@ class _Texts:
                 shown = hvalue if modifier == "raw" else decode_header_value(hvalue)
                 lines.append(f"{hname}: {shown}")
             return "\n".join(lines) + "\n" if lines else None
+        if name in PSEUDO_HEADERS:
+            value = pseudo_header(view, name)
+            if value is None:
+                return None
+            if modifier in ("addr", "name"):
+                return _address_part(value.split("\n"), modifier)
+            return value
         if not view.has_header(name):
             return None
         if modifier == "raw":
             return "\n".join(view.header_raw(name))
         values = view.header(name)
         if modifier in ("addr", "name"):
-            try:
-                pairs = email.utils.getaddresses(values)
-            except Exception:
-                pairs = []
-            index = 1 if modifier == "addr" else 0
-            return "\n".join(p[index] for p in pairs)
+            return _address_part(values, modifier)
         return "\n".join(values)
+
+
+def _address_part(values: list[str], modifier: str) -> str:
+    try:
+        pairs = email.utils.getaddresses(values)
+    except Exception:
+        pairs = []
+    index = 1 if modifier == "addr" else 0
+    return "\n".join(p[index] for p in pairs)
+
+
+# --- pseudo-headers ---------------------------------------------------------------------------
+# Values a header rule can read that are not headers of the message but computed from it, as
+# SpamAssassin offers them (imported rules use them; they are never read from the message, so a
+# forged "X-Spam-Relays-External:" header in the mail changes nothing).
+PSEUDO_HEADERS = ("x-spam-relays-untrusted", "x-spam-relays-trusted", "x-spam-relays-external",
+                  "x-spam-relays-internal", "messageid", "tocc", "envelopefrom")
+_RCVD_ID = re.compile(r"\bid\s+<?([^\s;<>]+)", re.I)
+_RCVD_WITH = re.compile(r"\bwith\s+([A-Za-z0-9]+)", re.I)
+_RCVD_IDENT = re.compile(r"\(\s*([^\s@()]+)@[^\s()\[]*\s*\[", re.I)
+_RCVD_ENVFROM = re.compile(r"\(envelope-from\s+<?([^\s<>)]+)>?", re.I)
+_MSGID_HEADERS = ("message-id", "resent-message-id", "x-message-id", "x-messageid")
+_ENVFROM_HEADERS = ("return-path", "x-envelope-from", "envelope-sender", "x-envelope-sender")
+
+
+def relays(view: MessageView) -> tuple[list[str], list[str]]:
+    """(trusted, untrusted) relays in SpamAssassin's `[ ip=... rdns=... helo=... ]` form.
+
+    Newest first. A hop is trusted while its sending IP is in scan.trusted_networks (the
+    view's); the first hop from outside and every hop before it are untrusted, as
+    SpamAssassin's trust path goes. Received headers without a sending IP are skipped (SA
+    counts them as unparseable). Internal = trusted and external = untrusted: filterd has one
+    network list (internal_networks defaults to trusted_networks in SpamAssassin as well).
+    """
+    trusted: list[str] = []
+    untrusted: list[str] = []
+    for hop in view.received:
+        if not hop.from_ip:
+            continue
+        raw = " ".join(hop.raw.split())
+        ident = _RCVD_IDENT.search(raw)
+        rid = _RCVD_ID.search(raw)
+        envfrom = _RCVD_ENVFROM.search(raw)
+        proto = _RCVD_WITH.search(raw)
+        auth = proto.group(1) if proto and re.fullmatch(r"(?i)e?smtps?a|lmtpa|asmtp",
+                                                        proto.group(1)) else ""
+        rdns = hop.from_name or ""
+        if rdns.startswith("[") or "@" in rdns:
+            rdns = rdns.rpartition("@")[2] if "@" in rdns else ""
+        into = untrusted if untrusted or not view.is_trusted(hop.from_ip) else trusted
+        into.append(f"[ ip={hop.from_ip} rdns={rdns} helo={hop.from_helo or ''} "
+                    f"by={hop.by or ''} ident={ident.group(1) if ident else ''} "
+                    f"envfrom={envfrom.group(1) if envfrom else ''} "
+                    f"intl={0 if into is untrusted else 1} id={rid.group(1) if rid else ''} "
+                    f"auth={auth} msa=0 ]")
+    return trusted, untrusted
+
+
+def pseudo_header(view: MessageView, name: str) -> str | None:
+    """The value of a pseudo-header (PSEUDO_HEADERS), None where SpamAssassin has none."""
+    if name.startswith("x-spam-relays-"):
+        trusted, untrusted = relays(view)
+        chosen = trusted if name.endswith(("-trusted", "-internal")) else untrusted
+        return " ".join(chosen) if chosen else None
+    if name == "messageid":
+        values = [v for h in _MSGID_HEADERS for v in view.header(h)]
+        return "\n".join(values) if values else None
+    if name == "tocc":
+        to = ", ".join(view.header("to")).strip()
+        cc = ", ".join(view.header("cc")).strip()
+        joined = ", ".join(v for v in (to, cc) if v)
+        return joined or None
+    if name == "envelopefrom":
+        if view.envelope.mail_from:
+            return view.envelope.mail_from
+        for h in _ENVFROM_HEADERS:
+            for v in view.header(h):
+                if v.strip():
+                    return v.strip()
+        return None
+    return None
 
 
 # --- compiling ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from filterd.ruleset.engine import FOREIGN_HEADER_PREFIXES
+from filterd.ruleset.engine import FOREIGN_HEADER_PREFIXES, PSEUDO_HEADERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,8 @@ def lint(ruleset: Any) -> list[Problem]:
             problems.append(Problem(loc(f"rule.{name}"), f"scores.{name}",
                                     "no score (add one to a scores table)"))
         header = str(entry.get("header", "")).partition(":")[0].lower()
-        if header and header.startswith(FOREIGN_HEADER_PREFIXES) and not entry.get("origin"):
+        if header and header.startswith(FOREIGN_HEADER_PREFIXES) and not entry.get("origin") \
+                and header not in PSEUDO_HEADERS:      # computed by filterd, not read
             problems.append(Problem(loc(f"rule.{name}.header"), f"rule.{name}.header",
                                     f"{header} is added by another filter: rules must not "
                                     f"key on it"))

@@ -31,9 +31,13 @@ except ImportError:  # pragma: no cover
 
 PATTERN_KINDS = ("header", "body", "rawbody", "full", "uri", "mimeheader")
 RULE_KINDS = PATTERN_KINDS + ("meta",)
-PSEUDO_HEADERS = {"tocc", "envelopefrom", "x-spam-relays-untrusted", "x-spam-relays-trusted",
-                  "x-spam-relays-internal", "x-spam-relays-external", "messageid",
-                  "x-spam-relays-untrusted", "x-spam-gtube", "x-spam-rbl"}
+# SpamAssassin pseudo-headers filterd computes (filterd.ruleset.engine.pseudo_header) and
+# those it does not.
+MODELLED_PSEUDO_HEADERS = {"tocc", "envelopefrom", "x-spam-relays-untrusted",
+                           "x-spam-relays-trusted", "x-spam-relays-internal",
+                           "x-spam-relays-external", "messageid"}
+PSEUDO_HEADERS = {"x-spam-gtube", "x-spam-rbl", "x-spam-relays-untrusted-list",
+                  "x-spam-relays-trusted-list"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,7 @@ class ImportResult:
     other_lines: int = 0
     read_errors: list[str] = field(default_factory=list)
     locations: dict[str, str] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)       # rule -> its kind in the .cf
 
 
 class Untranslatable(ValueError):
@@ -172,8 +177,6 @@ def translate_regex(pattern: str, flags: str) -> tuple[str, str]:
 
 def _parse_header_rule(rest: str) -> dict[str, Any]:
     rest = rest.strip()
-    if rest.startswith("eval:"):
-        raise Untranslatable(f"eval test {rest.split('(')[0][5:]} (plugin code)")
     if rest.startswith("exists:"):
         header = rest[len("exists:"):].strip()
         if header.lower() in PSEUDO_HEADERS:
@@ -201,6 +204,74 @@ def _parse_header_rule(rest: str) -> dict[str, Any]:
     return entry
 
 
+# Helper rules the translations of eval: tests share; added to the output once, as needed.
+_EVAL_HELPERS: dict[str, dict[str, Any]] = {
+    "__SAX_RELAYS_TRUSTED": {"kind": "header", "header": "X-Spam-Relays-Trusted",
+                             "pattern": r"\S"},
+    "__SAX_RELAYS_UNTRUSTED": {"kind": "header", "header": "X-Spam-Relays-Untrusted",
+                               "pattern": r"\S"},
+    "__SAX_CT_HTML": {"kind": "mimeheader", "header": "Content-Type",
+                      "pattern": r"^\s*text/html\b", "flags": "i"},
+    "__SAX_CT_PLAIN": {"kind": "mimeheader", "header": "Content-Type",
+                       "pattern": r"^\s*text/plain\b", "flags": "i"},
+}
+_EVAL_ARGS = re.compile(r"^eval:\s*(\w+)\s*\((.*)\)\s*$", re.S)
+
+
+def _eval_args(text: str) -> list[str]:
+    return [a.strip().strip("'\"") for a in text.split(",") if a.strip()]
+
+
+def _freemail_pattern(domains: list[str]) -> str:
+    """An :addr pattern for addresses at one of SpamAssassin's freemail_domains entries."""
+    if not domains:
+        raise Untranslatable("no freemail_domains were read (load 20_freemail_domains.cf too)")
+    alternatives = sorted({rx.escape(d.lower()).replace("\\*", "[^@\\s]*") for d in domains})
+    return "@(?:" + "|".join(alternatives) + ")$"
+
+
+def _translate_eval(kind: str, body: str, result: "ImportResult",
+                    freemail: list[str]) -> dict[str, Any]:
+    """The filterd equivalent of the local SpamAssassin eval: tests it has one for.
+
+    Only tests whose meaning a pattern or meta rule states exactly (or as SpamAssassin's own
+    documentation states it) are translated; every other eval: test stays untranslated.
+    """
+    m = _EVAL_ARGS.match(body.strip())
+    if not m:
+        raise Untranslatable("cannot read the eval: call")
+    test, args = m.group(1), _eval_args(m.group(2))
+
+    def helper(*names: str) -> None:
+        for n in names:
+            result.rules.setdefault(n, dict(_EVAL_HELPERS[n]))
+
+    if test == "check_all_trusted" and not args:
+        helper("__SAX_RELAYS_TRUSTED", "__SAX_RELAYS_UNTRUSTED")
+        return {"kind": "meta", "expression": "__SAX_RELAYS_TRUSTED && !__SAX_RELAYS_UNTRUSTED"}
+    if test == "html_tag_exists" and len(args) == 1 and re.fullmatch(r"[A-Za-z0-9]+", args[0]):
+        return {"kind": "rawbody", "pattern": rf"<{args[0]}\b", "flags": "i"}
+    if test == "check_for_mime_html_only" and not args:
+        helper("__SAX_CT_HTML", "__SAX_CT_PLAIN")
+        return {"kind": "meta", "expression": "__SAX_CT_HTML && !__SAX_CT_PLAIN"}
+    if test == "check_for_mime_html" and not args:
+        helper("__SAX_CT_HTML")
+        return {"kind": "meta", "expression": "__SAX_CT_HTML"}
+    if test in ("check_freemail_from", "check_freemail_replyto", "check_freemail_header"):
+        if test == "check_freemail_from" and not args:
+            header = "From:addr"
+        elif test == "check_freemail_header" and len(args) == 1 \
+                and re.fullmatch(r"[A-Za-z0-9-]+", args[0]):
+            header = f"{args[0]}:addr"
+        elif test == "check_freemail_replyto" and args == ["replyto"]:
+            header = "Reply-To:addr"
+        else:
+            raise Untranslatable(f"eval test {test} with arguments {args} (plugin code)")
+        return {"kind": "header", "header": header, "pattern": _freemail_pattern(freemail),
+                "flags": "im"}
+    raise Untranslatable(f"eval test {test} (plugin code)")
+
+
 def _meta_expression(text: str) -> str:
     if re.search(r"[^\w\s()&|!+\-*/<>=.]", text):
         raise Untranslatable("meta expression uses operators filterd does not have")
@@ -215,6 +286,7 @@ def _meta_expression(text: str) -> str:
 def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
     result = ImportResult()
     pending: dict[str, tuple[str, str, str]] = {}       # name -> (kind, rest, location)
+    freemail: list[str] = []                             # freemail_domains entries
     for path in paths:
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -260,6 +332,8 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
             elif word == "describe":
                 name, desc = (re.split(r"\s+", rest, maxsplit=1) + [""])[:2]
                 result.descriptions[prefix + name] = desc.strip()
+            elif word == "freemail_domains":
+                freemail.extend(rest.split())
             elif word == "tflags":
                 name, flags = (re.split(r"\s+", rest, maxsplit=1) + [""])[:2]
                 result.tflags[prefix + name] = flags.split()
@@ -269,19 +343,22 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
     metas: dict[str, tuple[str, str]] = {}
     for name, (kind, body, location) in pending.items():
         result.locations[name] = location
+        result.kinds[name] = kind
         try:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 raise Untranslatable("rule name is not letters, digits and _")
             if kind == "meta":
                 metas[name] = (_meta_expression(body), location)
                 continue
+            if body.startswith("eval:"):
+                entry = _translate_eval(kind, body, result, freemail)
+                result.rules[name] = entry
+                continue
             if kind in ("header", "mimeheader"):
                 entry = _parse_header_rule(body)
                 if kind == "mimeheader" and (entry.get("negate") or "exists" in entry):
                     raise Untranslatable("negated or exists: mimeheader rules are not supported")
             else:
-                if body.startswith("eval:"):
-                    raise Untranslatable(f"eval test {body.split('(')[0][5:]} (plugin code)")
                 pattern, flags, tail = split_regex(body)
                 if tail:
                     raise Untranslatable(f"unexpected text after the regex: {tail[:30]!r}")
@@ -318,7 +395,8 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
         if flags:
             entry["tflags"] = flags
         entry["description"] = result.descriptions.get(name) or f"SpamAssassin rule {name}"
-        entry["origin"] = f"spamassassin {result.locations[name]}"
+        entry["origin"] = (f"spamassassin {result.locations[name]}" if name in result.locations
+                           else "filterd: helper of translated eval: tests")
         if not name.startswith("__") and name not in result.scores:
             # SpamAssassin's default for a rule without a score line
             result.scores[name] = -1.0 if flags and "nice" in flags else 1.0
@@ -361,8 +439,10 @@ def summary(result: ImportResult) -> str:
     per_kind: dict[str, list[int]] = {}
     for kind, count in result.seen.items():
         per_kind[kind] = [count, 0]
-    for name, entry in result.rules.items():
-        kind = entry["kind"]
+    for name in result.rules:
+        kind = result.kinds.get(name)
+        if kind is None:          # a helper the translation added, not a rule of the files
+            continue
         per_kind.setdefault(kind, [0, 0])[1] += 1
     total_seen = sum(v[0] for v in per_kind.values())
     total_ok = sum(v[1] for v in per_kind.values())

@@ -1,0 +1,115 @@
+"""SpamAssassin .cf import: rule kinds, Perl regex, pseudo-headers, local eval: tests, reporting."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from filterd.config import PROJECT_RULES
+from filterd.message import parse
+from filterd.ruleset import load
+from filterd.ruleset import sa_import
+from filterd.ruleset.engine import pseudo_header, relays
+
+CF = textwrap.dedent(r"""
+    header   LOC_SUBJ_FREE   Subject =~ /\bfree\b/i
+    describe LOC_SUBJ_FREE   Subject says free
+    score    LOC_SUBJ_FREE   1.5 2.0
+    body     LOC_BODY_WIN    m{you\s+won\z}i
+    header   LOC_EXT_DYN     X-Spam-Relays-External =~ /^\[ ip=\S+ rdns=\S*dyn/
+    header   LOC_NO_RDNS     X-Spam-Relays-Untrusted =~ /^\[ ip=\S+ rdns= /
+    header   LOC_TOCC        ToCc =~ /carol\@example\.org/
+    header   LOC_ENVFROM     EnvelopeFrom =~ /bounce\@lists\.example/
+    header   LOC_MSGID       MESSAGEID =~ /\$/
+    header   LOC_ALL_TRUSTED eval:check_all_trusted()
+    freemail_domains freemail.example *.webmail.example
+    header   LOC_FREEMAIL    eval:check_freemail_from()
+    body     LOC_CENTER      eval:html_tag_exists('center')
+    body     LOC_HTML_ONLY   eval:check_for_mime_html_only()
+    header   LOC_RBL         eval:check_rbl('zen', 'zen.example.')
+    meta     LOC_META        LOC_SUBJ_FREE && LOC_BODY_WIN
+    meta     LOC_META_LOST   LOC_RBL || LOC_SUBJ_FREE
+    ifplugin Mail::SpamAssassin::Plugin::Nothing
+    body     LOC_IN_PLUGIN   /plugin block/
+    endif
+""")
+
+MESSAGE = (b"Received: from mx.local (mx.local [127.0.0.1]) by inbox.local with ESMTP id AA1\n"
+           b"Received: from helo.example (host-1-2-3-4.dyn.example [1.2.3.4])"
+           b" by mx.local with ESMTP id BB2; Mon, 1 Jan 2024 00:00:00 +0000\n"
+           b"Received: from origin.example ([5.6.7.8]) by host-1-2-3-4.dyn.example"
+           b" with SMTP id CC3\n"
+           b"Return-Path: <bounce@lists.example>\n"
+           b"From: Alice <alice@mail.webmail.example>\n"
+           b"To: bob@example.net\nCc: carol@example.org\n"
+           b"Subject: free stuff\nMessage-ID: <0a1$2b@host>\n"
+           b"Content-Type: text/html\n\n<html><center>and you won</center></html>\n")
+
+
+@pytest.fixture
+def imported(tmp_path: Path):
+    cf = tmp_path / "local.cf"
+    cf.write_text(CF)
+    return sa_import.import_files([cf])
+
+
+def test_kinds_scores_descriptions_and_perl_regex(imported):
+    rules = imported.rules
+    assert rules["LOC_SUBJ_FREE"]["pattern"] == r"\bfree\b" and rules["LOC_SUBJ_FREE"]["flags"] == "i"
+    assert imported.scores["LOC_SUBJ_FREE"] == 1.5          # the first score set
+    assert rules["LOC_SUBJ_FREE"]["description"] == "Subject says free"
+    assert rules["LOC_BODY_WIN"]["pattern"] == r"you\s+won\Z"
+    assert "LOC_IN_PLUGIN" in rules
+    assert rules["LOC_META"]["expression"] == "LOC_SUBJ_FREE && LOC_BODY_WIN"
+
+
+def test_untranslated_rules_are_reported_by_name_and_reason(imported):
+    skipped = {s.name: s.reason for s in imported.skipped}
+    assert "check_rbl" in skipped["LOC_RBL"]
+    assert "LOC_RBL" in skipped["LOC_META_LOST"]
+    assert "LOC_RBL" not in imported.rules and "LOC_META_LOST" not in imported.rules
+    assert "translated 13 of 15 rules" in sa_import.summary(imported)
+
+
+def test_relay_pseudo_headers_follow_the_trust_path():
+    view = parse(MESSAGE)
+    trusted, untrusted = relays(view)
+    assert len(trusted) == 1 and trusted[0].startswith("[ ip=127.0.0.1 rdns=mx.local ")
+    assert "intl=1 id=AA1" in trusted[0]
+    assert untrusted[0].startswith("[ ip=1.2.3.4 rdns=host-1-2-3-4.dyn.example helo=helo.example"
+                                   " by=mx.local ")
+    assert untrusted[1].startswith("[ ip=5.6.7.8 rdns= helo=origin.example")
+    assert pseudo_header(view, "x-spam-relays-external") == " ".join(untrusted)
+    assert pseudo_header(view, "x-spam-relays-internal") == " ".join(trusted)
+    assert pseudo_header(view, "tocc") == "bob@example.net, carol@example.org"
+    assert pseudo_header(view, "envelopefrom") == "<bounce@lists.example>"
+    assert pseudo_header(view, "messageid") == "<0a1$2b@host>"
+
+
+def test_a_forged_pseudo_header_in_the_message_is_not_read():
+    view = parse(b"X-Spam-Relays-External: [ ip=9.9.9.9 rdns=dyn ]\nSubject: x\n\nbody\n")
+    assert pseudo_header(view, "x-spam-relays-external") is None
+
+
+def test_imported_rules_fire_in_the_engine(imported, tmp_path: Path):
+    site = tmp_path / "site"
+    (site / "local.d").mkdir(parents=True)
+    (site / "local.d" / "sa.toml").write_text(sa_import.to_toml(imported))
+    ruleset = load(PROJECT_RULES, site)
+    engine = ruleset.engine
+    result = engine.match(parse(MESSAGE))
+    fired = set(result.hits)
+    for name in ("LOC_SUBJ_FREE", "LOC_BODY_WIN", "LOC_EXT_DYN", "LOC_TOCC", "LOC_ENVFROM",
+                 "LOC_MSGID", "LOC_FREEMAIL", "LOC_CENTER"):
+        assert name in fired, name
+    assert "LOC_NO_RDNS" not in fired            # the first untrusted relay has a name
+    metas, _errors = engine.evaluate_metas({n: 1.0 for n in result.hits})
+    assert "LOC_META" in metas and "LOC_HTML_ONLY" in metas
+    assert "LOC_ALL_TRUSTED" not in metas         # there are untrusted relays
+    only_local = parse(b"Received: from a (a [127.0.0.2]) by b with SMTP id X\n"
+                       b"Subject: hi\n\nhello\n")
+    hits = engine.match(only_local).hits
+    metas, _ = engine.evaluate_metas({n: 1.0 for n in hits})
+    assert "LOC_ALL_TRUSTED" in metas and "LOC_NO_RDNS" not in hits
