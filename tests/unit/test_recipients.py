@@ -6,15 +6,18 @@ context, a real aiosmtpd sink on loopback); the Scanner, quarantine and policy a
 import asyncio
 import json
 import smtplib
+import socket
 import sqlite3
-import sys
-from pathlib import Path
+import threading
 
 import Milter
 import pytest
 
 from filterd import config
+from aiosmtpd.controller import Controller
+
 from filterd.frontends import milter as milter_frontend
+from filterd.frontends import smtp as smtp_frontend
 from filterd.message import Envelope
 from filterd.policy import Action
 from filterd.policy.banks import PolicyError
@@ -23,9 +26,105 @@ from filterd.policy.recipients import (FileMap, RecipientLookup, SqliteMap, look
 from filterd.quarantine import Query, SpoolStore
 from filterd.service import Scanner
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling front-end tests' rigs
-from test_frontend_milter import FakeMTA, loop_thread  # noqa: F401  (fixture)
-from test_frontend_smtp import CLEAN, GTUBE, Rig
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+CLEAN = (b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n"
+         b"Date: Sun, 22 Nov 2026 05:00:00 +0000\r\nMessage-ID: <1@example.org>\r\n\r\nhello\r\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sink:
+    """The reinjection listener: records what it receives, or refuses with `reply`."""
+
+    def __init__(self):
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.reply: str | None = None
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.reply:
+            return self.reply
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
+                              envelope.original_content))
+        return "250 OK"
+
+
+class Rig:
+    """filterd's SMTP front end on loopback in a thread, reinjecting into a Sink."""
+
+    def __init__(self, values):
+        self.sink = Sink()
+        self.controller = Controller(self.sink, hostname="127.0.0.1", port=free_port())
+        self.controller.start()
+        self.port = free_port()
+        values = {**values, "smtp.listen": f"127.0.0.1:{self.port}",
+                  "smtp.reinject": f"127.0.0.1:{self.controller.port}",
+                  "smtp.reinject_timeout": 5}
+        self.settings = config.defaults().with_overrides(values)
+        self.scanner = Scanner(self.settings)
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.server = self.loop.run_until_complete(smtp_frontend.start_server(self.scanner))
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+
+    def send(self, data: bytes, rcpts=("b@example.net",)):
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
+            client.ehlo("postfix.test")
+            try:
+                client.sendmail("a@example.org", list(rcpts), data)
+            except smtplib.SMTPDataError as exc:
+                return exc.smtp_code, exc.smtp_error.decode()
+            return 250, ""
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.controller.stop()
+
+
+class RcptMTA:
+    """libmilter's side as the milter sees it (smfi_* calls recorded)."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def getsymval(self, name):
+        return {"i": "QR1"}.get(name)
+
+    def setreply(self, *args):
+        self.calls.append(("setreply", *args))
+
+    def addheader(self, name, value, idx):
+        self.calls.append(("addheader", name, value))
+
+    def chgheader(self, name, idx, value):
+        self.calls.append(("chgheader", name, idx, value))
+
+    def delrcpt(self, rcpt):
+        self.calls.append(("delrcpt", rcpt))
+
+
+@pytest.fixture
+def loop_thread():
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
 
 RECIPIENTS = """
 ["lover@test.example"]
@@ -205,11 +304,6 @@ def test_tempfail_of_one_recipient_tempfails_all_before_storing(tmp_path, core_r
 
 # ---- milter -----------------------------------------------------------------------------
 
-class RcptMTA(FakeMTA):
-    def delrcpt(self, rcpt):
-        self.calls.append(("delrcpt", rcpt))
-
-
 def milter_deliver(loop, scanner, body, rcpts):
     milter_frontend._scanner, milter_frontend._loop = scanner, loop
     m = milter_frontend.FilterMilter()
@@ -253,7 +347,7 @@ def aq(tmp_path, core_rules):
     rigs = []
 
     def make(**extra):
-        r = Rig(tmp_path, core_rules, **settings_for(tmp_path, core_rules, **extra))
+        r = Rig(settings_for(tmp_path, core_rules, **extra))
         rigs.append(r)
         return r
 
@@ -294,12 +388,10 @@ def lmtp_send(port, data, rcpts):
 
 
 def test_lmtp_answers_each_recipient(aq):
-    from test_frontend_smtp import free_port
     lport = free_port()
     rig = aq(**{"smtp.reject_action": "reject"})
     fut = asyncio.run_coroutine_threadsafe(
-        __import__("filterd.frontends.smtp", fromlist=["x"]).start_server(
-            rig.scanner, f"127.0.0.1:{lport}", lmtp=True), rig.loop)
+        smtp_frontend.start_server(rig.scanner, f"127.0.0.1:{lport}", lmtp=True), rig.loop)
     server = fut.result(10)
     try:
         replies = lmtp_send(lport, CLEAN, ["user@test.example", "picky@test.example"])
