@@ -16,11 +16,12 @@ where C^-1 is the chi-square survival function with 2k degrees of freedom.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-__all__ = ["Classification", "ClassifierParams", "classify", "band", "BANDS"]
+__all__ = ["Classification", "ClassifierParams", "classify", "calibrate", "band", "BANDS"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,14 +30,19 @@ class ClassifierParams:
     robinson_x: float = 0.5      # f(w) of a token never seen
     min_dev: float = 0.375       # ignore tokens whose f(w) is this close to 0.5
     max_significant: int = 150   # combine at most this many of the strongest tokens
+    method: str = "fisher"       # "fisher" (chi-square combining) or "logodds" (see classify)
+    # Piecewise-linear map from the raw score to a calibrated probability: sorted (raw, p)
+    # points, () for none. Fitted on a validation split of half A by bench/tune_bayes.py.
+    calibration: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Classification:
-    probability: float           # 0 = surely ham, 1 = surely spam
+    probability: float           # 0 = surely ham, 1 = surely spam (calibrated when configured)
     used: int                    # tokens that entered the combination
     known: int                   # tokens of the message the store had counts for
     top: tuple[tuple[str, float], ...] = ()   # strongest tokens with f(w), for explanations
+    raw: float = 0.5             # the combined score before calibration
 
 
 # (lower bound, symbol): the band of a probability is the last whose bound it reaches.
@@ -70,6 +76,48 @@ def _chi2q(x2: float, dof: int) -> float:
     return min(total, 1.0)
 
 
+def _logaddexp(a: float, b: float) -> float:
+    if a < b:
+        a, b = b, a
+    return a + math.log1p(math.exp(b - a)) if b > -math.inf else a
+
+
+def _log_chi2_tails(x2: float, dof: int) -> tuple[float, float]:
+    """(ln P(X <= x2), ln P(X > x2)) for X chi-square with even `dof`, without underflow.
+
+    P(X > x2) = e^-m sum_{i<k} m^i/i! and P(X <= x2) = e^-m sum_{i>=k} m^i/i!, with m = x2/2
+    and k = dof/2: each series is summed from its largest term in the log domain."""
+    k = dof // 2
+    m = x2 / 2.0
+    if m <= 0.0:
+        return -math.inf, 0.0
+    log_m = math.log(m)
+    # upper tail: terms i = 0..k-1 of m^i/i!
+    terms = []
+    log_term = 0.0
+    for i in range(k):
+        if i:
+            log_term += log_m - math.log(i)
+        terms.append(log_term)
+    top = max(terms)
+    log_upper = min(0.0, -m + top + math.log(sum(math.exp(t - top) for t in terms)))
+    if log_upper < -1e-3:
+        return math.log(-math.expm1(log_upper)), log_upper
+    # the upper tail is close to 1: sum the lower tail's series directly, terms i >= k
+    log_term = k * log_m - math.lgamma(k + 1)
+    terms = [log_term]
+    i = k
+    while True:
+        i += 1
+        log_term += log_m - math.log(i)
+        terms.append(log_term)
+        if log_term < terms[0] - 40.0 or i > k + 10_000:
+            break
+    top = max(terms)
+    log_lower = -m + top + math.log(sum(math.exp(t - top) for t in terms))
+    return min(0.0, log_lower), log_upper
+
+
 def classify(tokens: Sequence[str], counts: Mapping[str, tuple[int, int]], nspam: int,
              nham: int, params: ClassifierParams = ClassifierParams(), *,
              explain: int = 0) -> Classification:
@@ -96,23 +144,65 @@ def classify(tokens: Sequence[str], counts: Mapping[str, tuple[int, int]], nspam
         if dev >= min_dev:
             scored.append((dev, f, token))
     if not scored:
-        return Classification(0.5, 0, known)
+        return Classification(calibrate(0.0, params.calibration, params.method)
+                               if params.calibration else 0.5, 0, known, (), 0.0)
     if len(scored) > params.max_significant:
         scored.sort(reverse=True)
         scored = scored[:params.max_significant]
-    sum_ln_f = 0.0
-    sum_ln_1f = 0.0
-    for _, f, _ in scored:
-        # clamp: a token seen only in one class gives f close to 0 or 1, never exactly
-        f = min(max(f, 1e-9), 1.0 - 1e-9)
-        sum_ln_f += math.log(f)
-        sum_ln_1f += math.log(1.0 - f)
-    k2 = 2 * len(scored)
-    hamminess = 1.0 - _chi2q(-2.0 * sum_ln_f, k2)
-    spamminess = 1.0 - _chi2q(-2.0 * sum_ln_1f, k2)
-    probability = (1.0 + spamminess - hamminess) / 2.0
+    if params.method == "logodds":
+        raw = 0.0
+        for _, f, _ in scored:
+            f = min(max(f, 1e-6), 1.0 - 1e-6)
+            raw += math.log(f / (1.0 - f))
+        # the sum grows with the evidence; divide by sqrt(k) so that long messages with many
+        # weak tokens do not outvote short ones with a few strong ones
+        raw /= math.sqrt(len(scored))
+    else:
+        sum_ln_f = 0.0
+        sum_ln_1f = 0.0
+        for _, f, _ in scored:
+            # clamp: a token seen only in one class gives f close to 0 or 1, never exactly
+            f = min(max(f, 1e-9), 1.0 - 1e-9)
+            sum_ln_f += math.log(f)
+            sum_ln_1f += math.log(1.0 - f)
+        k2 = 2 * len(scored)
+        # H = P(chi2 <= -2 sum ln f), S = P(chi2 <= -2 sum ln(1 - f)); p = (1 + S - H) / 2.
+        # Both tails of each are kept in the log domain, so the score is the exact logit of
+        # Fisher's p even where p itself rounds to 0 or 1: thousands of spam share p = 1.0,
+        # and a threshold between them (the FP <= 0.1 % operating point) needs their order.
+        log_h, log_not_h = _log_chi2_tails(-2.0 * sum_ln_f, k2)
+        log_s, log_not_s = _log_chi2_tails(-2.0 * sum_ln_1f, k2)
+        fisher = (1.0 + math.exp(log_s) - math.exp(log_h)) / 2.0
+        # p = (S + (1 - H)) / 2 and 1 - p = (H + (1 - S)) / 2
+        raw = _logaddexp(log_s, log_not_h) - _logaddexp(log_h, log_not_s)
+        if not params.calibration:
+            return _result(min(max(fisher, 0.0), 1.0), scored, known, explain, raw)
+    return _result(calibrate(raw, params.calibration, params.method), scored, known,
+                   explain, raw)
+
+
+def _result(probability: float, scored: list[tuple[float, float, str]], known: int,
+            explain: int, raw: float) -> Classification:
     top: tuple[tuple[str, float], ...] = ()
     if explain:
         strongest = sorted(scored, reverse=True)[:explain]
         top = tuple((token, round(f, 4)) for _, f, token in strongest)
-    return Classification(min(max(probability, 0.0), 1.0), len(scored), known, top)
+    return Classification(probability, len(scored), known, top, raw)
+
+
+def calibrate(raw: float, points: tuple[tuple[float, float], ...], method: str = "fisher"
+              ) -> float:
+    """The calibrated probability of a raw score: linear between the fitted points, flat
+    beyond them. Without points the Fisher score is its own probability and the log-odds
+    score goes through the logistic function."""
+    if not points:
+        if method == "logodds":
+            return 1.0 / (1.0 + math.exp(-max(min(raw, 700.0), -700.0)))
+        return 0.5   # Fisher's uncalibrated probability is computed in classify()
+    i = bisect.bisect_right(points, (raw, 2.0))
+    if i == 0:
+        return points[0][1]
+    if i == len(points):
+        return points[-1][1]
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 if x1 == x0 else y0 + (y1 - y0) * (raw - x0) / (x1 - x0)

@@ -205,6 +205,43 @@ def _header_tokens(view: MessageView) -> Iterable[str]:
         yield "RH:" + ("ip" if _IPV4.match(relay.helo.strip("[]")) else _shape(relay.helo))
 
 
+# Headers never learned: the verdicts of other filters (../shared/notes/evaluation.md), and
+# what the receiving site itself adds on delivery (mailbox bookkeeping, its own SPF and
+# milter stamps): these say where a message was collected, not who sent it.
+_NEVER_LEARNED = re.compile(
+    r"x-spam|x-virus|x-amavis|x-bogosity|x-spamd|x-rspamd|x-barracuda|x-asg|x-ironport|"
+    r"x-mailscanner|x-old-spam|x-rc-|x-antivirus|x-quarantine|x-greylist|authentication-results|"
+    r"arc-|received-spf|x-original-to|delivered-to|x-delivered-to|x-uid|x-uidl|status$|x-status|"
+    r"x-keywords|x-mozilla-|x-evolution|content-length|lines$|x-miltered|x-uuid|x-envelope-to|"
+    r"envelope-to|x-envelope-from|delivery-date|x-sieve|x-label|x-gmail-labels|x-original-date|"
+    r"x-imapbase|x-imap|x-dspam|x-crm114|x-policyd|x-razor|x-pyzor|x-dcc")
+# Headers tokenised elsewhere with their own prefixes, or whose words say nothing.
+_OWN_TOKENS = frozenset((
+    "subject", "from", "reply-to", "return-path", "sender", "message-id", "x-mailer",
+    "user-agent", "to", "cc", "date", "received", "content-type", "in-reply-to", "references",
+    "dkim-signature", "domainkey-signature", "thread-index", "x-originalarrivaltime",
+    "resent-date", "resent-message-id", "list-unsubscribe", "list-subscribe", "list-help",
+    "list-post", "list-archive"))
+OTHER_HEADERS = "words"   # "words", "presence" or "" (tuning: bench/tune_bayes.py)
+MAX_HEADER_VALUE = 200
+
+
+def _other_header_tokens(view: MessageView) -> Iterable[str]:
+    """Every other header a sender or a relay on the way wrote: its name ("HN:"), and for
+    the headers not tokenised elsewhere the words of its value under its own name."""
+    seen: set[str] = set()
+    for name, value in view.raw_headers:
+        key = name.lower()[:40]
+        if key in seen or _NEVER_LEARNED.match(key):
+            continue
+        seen.add(key)
+        yield "HN:" + key
+        if OTHER_HEADERS == "words" and key not in _OWN_TOKENS:
+            prefix = key + ":"
+            for w in _words(value[:MAX_HEADER_VALUE]):
+                yield prefix + w
+
+
 def _received_tokens(view: MessageView) -> Iterable[str]:
     """The relays a message passed: HELO and reverse-DNS domains, /24 networks, per hop."""
     for hop in view.received[:MAX_RECEIVED]:
@@ -280,6 +317,9 @@ def tokenize(view: MessageView, *, max_tokens: int = DEFAULT_MAX_TOKENS,
         add(token, None)
     for token in _received_tokens(view):
         add(token, None)
+    if OTHER_HEADERS:
+        for token in _other_header_tokens(view):
+            add(token, None)
     for token in _part_tokens(view):
         add(token, None)
     for token in _url_tokens(view):
