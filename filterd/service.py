@@ -367,11 +367,9 @@ class Scanner:
         if not FINAL_HEADER_HOOKS:
             return edits
         edited = apply_to_bytes(outcome.view.raw, edits)
-        # a bank with dkim_sign = false: the signer signs only originating outcomes
-        seen = outcome if outcome.dkim_sign else replace(outcome, originating=False)
         extra: list[tuple[str, str]] = []
         for hook in FINAL_HEADER_HOOKS:
-            extra.extend(hook(edited, seen, self.services))
+            extra.extend(hook(edited, outcome, self.services))
         return replace(edits, add=tuple(extra) + edits.add) if extra else edits
 
     async def _dispose_split(self, outcome: Outcome, frontend: str) -> Disposition:

@@ -175,9 +175,11 @@ def _factory(settings: Any) -> Signer:
 
 
 def sign_outgoing(edited: bytes, outcome: Any, services: dict[str, Any]) -> list[tuple[str, str]]:
-    """FINAL_HEADER_HOOKS entry: DKIM-Signature headers for originating mail, else nothing."""
+    """FINAL_HEADER_HOOKS entry: DKIM-Signature headers for originating mail whose policy
+    (dkim.sign, or the policy bank's dkim_sign) asks for signing, else nothing."""
     signer = services.get("dkim_signer")
-    if signer is None or not outcome.originating or not signer.settings.dkim.sign:
+    if (signer is None or not outcome.originating or not signer.settings.dkim.sign
+            or not getattr(outcome, "dkim_sign", True)):
         return []
     domain = from_domain(edited)
     if not domain:

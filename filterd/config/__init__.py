@@ -311,10 +311,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("policy.recipient_delimiter", "str", "+",
             "Characters that start an address extension (user+ext@domain is looked up as "
             "user@domain too), as Postfix's recipient_delimiter; '' for none."),
-    Setting("policy.smtp_extra_listen", "list", [],
+    Setting("policy.smtp_extra_listen", "hostports", [],
             "More after-queue SMTP listeners (HOST:PORT), e.g. one for the submission "
             "service's content_filter; policy banks select on their `port`."),
-    Setting("lmtp.listen", "str", "",
+    Setting("lmtp.listen", "hostport?", "",
             "HOST:PORT of an LMTP listener (Postfix content_filter = lmtp:...) that answers "
             "each recipient separately; '' disables it."),
 )
@@ -369,6 +369,12 @@ def coerce(setting: Setting, value: Any) -> Any:
         value = _check_networks(value)
     elif kind == "hostport":
         value = _check_hostport(value)
+    elif kind == "hostport?":  # HOST:PORT, or '' for "off"
+        value = _check_hostport(value) if value != "" else value
+    elif kind == "hostports":
+        if not isinstance(value, list):
+            raise ValueError("expected a list of \"HOST:PORT\"")
+        value = [_check_hostport(v) for v in value]
     if setting.minimum is not None and value < setting.minimum:
         raise ValueError(f"must be at least {setting.minimum:g}, got {value!r}")
     return value
