@@ -10,7 +10,9 @@ recipients the policy gives them (local recipients not bypassing spam checks: bu
 `spam_headers`, decided per recipient group by filterd.policy.recipients).
 
 Added (at the top, as amavis does):
-  X-Virus-Scanned   on every scanned message
+  X-Virus-Scanned   added by the antivirus family only when a virus scan ran (see
+                    filterd/checks/antivirus.py), so the header never claims a scan that did
+                    not happen
   X-Spam-Flag       YES at tag2_level, NO below          (only at or above tag_level)
   X-Spam-Score      the score                           (")
   X-Spam-Level      one '*' per whole point, at most 64  (")
@@ -98,9 +100,6 @@ def build_edits(view: MessageView, verdict: Verdict, settings: Any, *, subject_t
     if spam_headers is None:
         spam_headers = not originating
     add: list[tuple[str, str]] = []
-    hostname = settings.hostname
-    if settings.headers.virus_scanned:
-        add.append(("X-Virus-Scanned", settings.headers.virus_scanned.format(hostname=hostname)))
     if (verdict.tagged or settings.headers.always_add_spam_headers) and spam_headers:
         add.append(("X-Spam-Flag", "YES" if verdict.is_spam else "NO"))
         add.append(("X-Spam-Score", fmt_score(verdict.score)))

@@ -328,7 +328,8 @@ async def clamav(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
 # --- headers ---------------------------------------------------------------------------------
 
 def virus_headers(view: MessageView, verdict: Verdict, settings: Any) -> list[tuple[str, str]]:
-    """X-Virus-Status as clamav-milter writes it, and X-Virus-Scanned when the scan was partial.
+    """X-Virus-Scanned (amavis' format; "unchecked" or "skipped (size)" for a partial scan) and
+    X-Virus-Status as clamav-milter writes it.
 
     Only when the antivirus check ran: a rule set without it adds neither header. A delivered
     message with CLAM_VIRUS exists only when a site chose to deliver viruses (forced action
@@ -336,15 +337,18 @@ def virus_headers(view: MessageView, verdict: Verdict, settings: Any) -> list[tu
     """
     names = {s.name for s in verdict.symbols}
     out: list[tuple[str, str]] = []
-    if "CLAM_VIRUS" in names:
-        out.append(("X-Virus-Status", f"Infected ({', '.join(verdict.virus_names)})"))
-    elif "__CLAM_CLEAN" in names:
-        out.append(("X-Virus-Status", "Clean"))
     if "CLAM_UNAVAILABLE" in names:
         # the site configured CLAM_UNAVAILABLE to accept (or quarantine for release): say so
         out.append(("X-Virus-Scanned", "unchecked"))
     elif "CLAM_OVERSIZE" in names:
         out.append(("X-Virus-Scanned", "skipped (size)"))
+    elif ("CLAM_VIRUS" in names or "__CLAM_CLEAN" in names) and settings.headers.virus_scanned:
+        out.append(("X-Virus-Scanned",
+                     settings.headers.virus_scanned.format(hostname=settings.hostname)))
+    if "CLAM_VIRUS" in names:
+        out.append(("X-Virus-Status", f"Infected ({', '.join(verdict.virus_names)})"))
+    elif "__CLAM_CLEAN" in names:
+        out.append(("X-Virus-Status", "Clean"))
     return out
 
 

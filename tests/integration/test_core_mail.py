@@ -18,13 +18,13 @@ from harness.messages import GTUBE, message
 
 @pytest.fixture(scope="module")
 def filterd_overrides(tmp_path_factory):
-    """The core checks only (sanity, GTUBE): this module is about the mail path, not about
-    other families' checks, which have their own integration tests."""
+    """The core checks (sanity, GTUBE) plus antivirus (the harness wires the session's clamd):
+    this module is about the mail path; other families have their own integration tests."""
     import shutil
     from filterd.config import PROJECT_RULES
     rules = tmp_path_factory.mktemp("core-rules")
     rules.chmod(0o755)
-    for name in ("actions.toml", "core.toml", "scores.toml"):
+    for name in ("actions.toml", "core.toml", "scores.toml", "antivirus.toml"):
         shutil.copy(PROJECT_RULES / name, rules / name)
     return {"rules.dir": str(rules)}
 

@@ -341,4 +341,6 @@ def test_virus_headers_builder_only_speaks_when_the_check_ran():
     assert virus_headers(None, plain, None) == []
     infected = Verdict(Action.ACCEPT, 0.0, (Symbol("CLAM_VIRUS", ("A", "B")),), "x", 6.0,
                        virus_names=("A", "B"))
-    assert virus_headers(None, infected, None) == [("X-Virus-Status", "Infected (A, B)")]
+    settings = config.defaults().with_overrides({"daemon.hostname": "mx.test"})
+    assert virus_headers(None, infected, settings) == [
+        ("X-Virus-Scanned", "filterd at mx.test"), ("X-Virus-Status", "Infected (A, B)")]

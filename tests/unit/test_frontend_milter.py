@@ -81,7 +81,7 @@ def test_clean_message_is_accepted_with_headers(tmp_path, core_rules, loop_threa
     rc, calls = deliver(loop_thread, make_scanner(tmp_path, core_rules), b"hello\r\n")
     assert rc == Milter.ACCEPT
     assert ("chgheader", "X-Spam-Flag", 1, "") in calls
-    assert ("addheader", "X-Virus-Scanned", "filterd at mx.test") in calls
+    assert not [c for c in calls if c[0] == "addheader"]  # below tag_level, no antivirus here
 
 
 def test_gtube_is_rejected_with_550_571(tmp_path, core_rules, loop_thread):
@@ -131,7 +131,7 @@ def test_authenticated_sender_is_originating_and_not_tagged(tmp_path, core_rules
                         macros={"i": "Q2", "{auth_authen}": "alice"})
     assert rc == Milter.ACCEPT
     added = [c[1] for c in calls if c[0] == "addheader"]
-    assert added == ["X-Virus-Scanned"]
+    assert added == []  # GTUBE scores 8 here, but originating mail is never spam-tagged
 
 
 def test_nagle_is_disabled_on_the_listening_socket():
