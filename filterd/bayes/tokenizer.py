@@ -78,6 +78,29 @@ _IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 _PATH_WORD = re.compile(r"[a-z][a-z0-9\-]{2,19}")
 
 
+# Single letters or digits spaced out to dodge word filters: "f r e e", "v.i.a.g.r.a",
+# "c-i-a-l-i-s" (four or more, one separator kind each); joined before words are cut.
+_SPACED_LETTERS = re.compile(r"(?<![\w.\-*])(?:\w ){3,}\w(?![\w.\-*])")
+_SPACED_DOTS = re.compile(r"(?<![\w.\-*])(?:\w[.\-*]){3,}\w(?![\w\-*]|\.\w)")
+# Cheap pre-checks with a literal or a one-class first character, which the regex engine
+# scans for quickly; the exact patterns above run only on the few texts that pass.
+_SPACED_LETTERS_HINT = re.compile(r" \w \w \w")
+_SPACED_DOTS_HINT = re.compile(r"[.\-*]\w[.\-*]\w[.\-*]")
+# Only the text of these is tokenised as words: the parsed URLs and addresses have prefixes.
+_URLISH = ("@", "://", "www.")
+
+
+def _join_spaced(m: re.Match[str]) -> str:
+    return _SPACED_SEP.sub("", m.group(0).replace(" ", ""))
+
+
+def _long_word(w: str) -> str:
+    n = len(w)
+    if w.isdigit():
+        return f"N:{n}"
+    return f"skip:{w[0]}{n // 10 * 10}" if n > MAX_WORD else w
+
+
 def _words(text: str) -> list[str]:
     """The normalised words of a text, each reduced to a token (or a shape token)."""
     if len(text) > MAX_TEXT_CHARS:
@@ -90,36 +113,58 @@ def _words(text: str) -> list[str]:
         # URLs and addresses are tokenised from the parsed URL list, not as words
         text = " ".join([chunk for chunk in text.split()
                          if "@" not in chunk and "://" not in chunk and "www." not in chunk])
+    # one regex pass each finds out whether anything is spaced out at all (rare)
+    if (_SPACED_LETTERS_HINT.search(text) or _SPACED_LETTERS_HINT.match(" " + text[:8])) \
+            and _SPACED_LETTERS.search(text):
+        text = _SPACED_LETTERS.sub(_join_spaced, text)
+    if _SPACED_DOTS_HINT.search(text) and _SPACED_DOTS.search(text):
+        text = _SPACED_DOTS.sub(_join_spaced, text)
     words = _WORD.findall(text)
     if not ascii_only:
         words = [w.translate(_CONFUSABLE) if not w.isascii() and _HAS_ASCII_LETTER.search(w)
                  else w for w in words]
-    out: list[str] = []
-    append = out.append
-    run: list[str] = []
-    for w in words:
-        n = len(w)
-        if n == 1:
-            run.append(w)  # "f r e e": letters spaced out to dodge word filters
-            continue
-        if run:
-            if len(run) >= 4:
-                append("".join(run))
-            run = []
-        if n < MIN_WORD:
-            continue
-        if n > 6 and w[1] in ".-*" and _SPACED_WORD.fullmatch(w):
-            w = _SPACED_SEP.sub("", w)   # "v.i.a.g.r.a"
-            n = len(w)
-        if n > MAX_WORD:
-            append(f"N:{n}" if w.isdigit() else f"skip:{w[0]}{n // 10 * 10}")
-        elif n > 4 and w.isdigit():
-            append(f"N:{n}")
-        else:
-            append(w)
-    if len(run) >= 4:
-        append("".join(run))
-    return out
+    # a list comprehension rather than a loop: this runs for every word of every message
+    return [w if len(w) <= 4 or (len(w) <= MAX_WORD and not w.isdigit()) else _long_word(w)
+            for w in words if len(w) >= MIN_WORD]
+
+
+_URL_TAIL = re.compile(r"""[^\s<>"'`{}|\\^\[\]]+""")
+_URL_SCHEMES = frozenset(("http", "https", "ftp"))
+MAX_URLS = 200
+
+
+def _scan_urls(text: str, found: dict[str, None]) -> None:
+    """The http(s)/ftp and www. URLs of a text (HTML included: absolute href targets are
+    found the same way), found by str.find: a case-insensitive regex alternation tried at
+    every position costs several times more on long parts."""
+    pos = text.find("://")
+    while pos != -1 and len(found) < MAX_URLS:
+        start = pos
+        while start > 0 and pos - start < 6 and text[start - 1].isalpha():
+            start -= 1
+        m = _URL_TAIL.match(text, pos + 3)
+        stop = m.end() if m else pos + 3
+        if m and text[start:pos].lower() in _URL_SCHEMES:
+            found.setdefault(text[start:stop].rstrip(".,;:!?)]}'\"").replace("&amp;", "&"), None)
+        pos = text.find("://", stop)
+    for marker in ("www.", "WWW."):
+        pos = text.find(marker)
+        while pos != -1 and len(found) < MAX_URLS:
+            before = text[pos - 1] if pos else " "
+            m = _URL_TAIL.match(text, pos)
+            stop = m.end() if m else pos + 4
+            if before != "/" and not before.isalnum() and before not in ".@-_":
+                found.setdefault(text[pos:stop].rstrip(".,;:!?)]}'\"").replace("&amp;", "&"), None)
+            pos = text.find(marker, stop)
+
+
+def message_urls(view: MessageView) -> list[str]:
+    found: dict[str, None] = {}
+    for part in view.text_parts:
+        text = part.text
+        if "://" in text or "www." in text or "WWW." in text:
+            _scan_urls(text[:MAX_TEXT_CHARS], found)
+    return list(found)
 
 
 def _domain_of(host: str) -> str:
@@ -278,10 +323,10 @@ def _part_tokens(view: MessageView) -> Iterable[str]:
 
 
 def _url_tokens(view: MessageView) -> Iterable[str]:
-    urls = view.urls
+    urls = message_urls(view)
     if urls:
         yield f"UN:{_bucket(len(urls))}"
-    for url in urls[:200]:
+    for url in urls:
         m = _URL_PARTS.match(url.lower())
         if not m:
             continue
