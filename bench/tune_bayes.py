@@ -72,6 +72,45 @@ def report(name: str, results) -> dict:
     return line
 
 
+def isotonic(pairs: list[tuple[float, int]]) -> list[tuple[float, float, float]]:
+    """Pool-adjacent-violators over (score, is_spam) sorted by score: blocks of
+    (lowest score, highest score, spam fraction), the fractions non-decreasing."""
+    blocks: list[list[float]] = []   # [lo, hi, spam, n]
+    for score, y in sorted(pairs):
+        blocks.append([score, score, float(y), 1.0])
+        while len(blocks) > 1 and blocks[-2][2] / blocks[-2][3] >= blocks[-1][2] / blocks[-1][3]:
+            hi = blocks.pop()
+            blocks[-1][1] = hi[1]
+            blocks[-1][2] += hi[2]
+            blocks[-1][3] += hi[3]
+    return [(lo, hi, spam / n) for lo, hi, spam, n in blocks]
+
+
+def fit_calibration(results, bounds=(0.01, 0.05, 0.20, 0.40, 0.60, 0.80, 0.95, 0.99, 0.999)
+                    ) -> tuple[tuple[float, float], ...]:
+    """(raw, p) points: for each band bound b, the lowest raw score from which the
+    isotonic spam fraction of half A's cross-validated scores reaches b."""
+    blocks = isotonic([(raw, 1 if lab == SPAM else 0) for _, lab, raw in results])
+    points = []
+    for b in bounds:
+        for lo, _hi, frac in blocks:
+            if frac >= b:
+                points.append((round(lo, 3), b))
+                break
+    # end points: below the first bound p falls to 0.001, above the last to 0.9999
+    out = [(points[0][0] - 20.0, 0.001)] if points else []
+    out += points
+    if points:
+        out.append((points[-1][0] + 50.0, 0.9999))
+    # strictly increasing raw scores (several bounds may share one block)
+    clean: list[tuple[float, float]] = []
+    for raw, p in out:
+        if clean and raw <= clean[-1][0]:
+            raw = clean[-1][0] + 0.001
+        clean.append((round(raw, 3), p))
+    return tuple(clean)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", action="append", default=[],
@@ -79,6 +118,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=tokenizer.DEFAULT_MAX_TOKENS)
     ap.add_argument("--set", action="append", default=[],
                     help="NAME=VALUE: set a tokenizer module constant (a string) for this run")
+    ap.add_argument("--fit-calibration", action="store_true")
     args = ap.parse_args()
     for spec in args.set:
         name, _, value = spec.partition("=")
@@ -95,8 +135,23 @@ def main() -> int:
         kv = {k: type(getattr(ClassifierParams(), k))(v) for k, v in
               (x.split("=") for x in spec.split(","))}
         variants.append((spec, ClassifierParams(**kv)))
+    ap_fit = args.fit_calibration
     for name, params in variants:
-        report(name, evaluate(tokens, params))
+        results = evaluate(tokens, params)
+        report(name, results)
+        if ap_fit:
+            points = fit_calibration(results)
+            print(f"  calibration {points}")
+            calibrated = ClassifierParams(**{**{f: getattr(params, f) for f in
+                                                ClassifierParams.__slots__}, "calibration": points})
+            by_band: dict[str, list[int]] = {}
+            for _, lab, raw in results:
+                from filterd.bayes.classifier import band, calibrate
+                name_ = band(calibrate(raw, calibrated.calibration))
+                by_band.setdefault(name_, [0, 0])[0 if lab == SPAM else 1] += 1
+            for name_ in sorted(by_band):
+                sp, hm = by_band[name_]
+                print(f"    {name_:10} spam {sp:5} ham {hm:5}  spam fraction {sp / (sp + hm):.4f}")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Trusts: nothing in the message; the store (filterd.stores) for counts.
 Reads: bayes.max_tokens, bayes.bigrams, bayes.min_spam, bayes.min_ham, bayes.batch_size,
-bayes.robinson_s, bayes.robinson_x, bayes.min_dev, bayes.max_significant (and the store
+bayes.robinson_s, bayes.robinson_x, bayes.min_dev, bayes.max_significant, bayes.calibrate
+(and the store
 settings through filterd.stores.open_token_store).
 Emits no symbols itself: filterd.checks.bayes turns a `Classification` into BAYES_*.
 
@@ -22,7 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from filterd.bayes.classifier import Classification, ClassifierParams, band, classify
+from filterd.bayes.classifier import (DEFAULT_CALIBRATION, Classification, ClassifierParams,
+                                      band, classify)
 from filterd.bayes.tokenizer import tokenize
 from filterd.message import MessageView, parse
 from filterd.stores import HAM, SPAM, LearnItem, LearnResult, TokenStore
@@ -62,7 +64,8 @@ def message_digest(raw: bytes) -> str:
 def params_from(settings: Any) -> ClassifierParams:
     b = settings.bayes
     return ClassifierParams(robinson_s=b.robinson_s, robinson_x=b.robinson_x,
-                            min_dev=b.min_dev, max_significant=b.max_significant)
+                            min_dev=b.min_dev, max_significant=b.max_significant,
+                            calibration=DEFAULT_CALIBRATION if b.calibrate else ())
 
 
 @dataclass

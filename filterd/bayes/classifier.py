@@ -21,15 +21,16 @@ import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-__all__ = ["Classification", "ClassifierParams", "classify", "calibrate", "band", "BANDS"]
+__all__ = ["Classification", "ClassifierParams", "classify", "calibrate", "band", "BANDS",
+           "DEFAULT_CALIBRATION"]
 
 
 @dataclass(frozen=True, slots=True)
 class ClassifierParams:
-    robinson_s: float = 0.45     # strength of the prior X (in pseudo-messages)
+    robinson_s: float = 0.2      # strength of the prior X (in pseudo-messages)
     robinson_x: float = 0.5      # f(w) of a token never seen
     min_dev: float = 0.375       # ignore tokens whose f(w) is this close to 0.5
-    max_significant: int = 150   # combine at most this many of the strongest tokens
+    max_significant: int = 100   # combine at most this many of the strongest tokens
     method: str = "fisher"       # "fisher" (chi-square combining) or "logodds" (see classify)
     # Piecewise-linear map from the raw score to a calibrated probability: sorted (raw, p)
     # points, () for none. Fitted on a validation split of half A by bench/tune_bayes.py.
@@ -44,6 +45,17 @@ class Classification:
     top: tuple[tuple[str, float], ...] = ()   # strongest tokens with f(w), for explanations
     raw: float = 0.5             # the combined score before calibration
 
+
+# The shipped calibration (bayes.calibrate): raw score (the logit of Fisher's p) -> spam
+# probability, fitted by `bench/tune_bayes.py --fit-calibration` on 5-fold cross-validated
+# scores of half A (isotonic regression; each point is the lowest raw score from which the
+# spam fraction reaches a band bound). Half A is 61 % spam: a site whose mail is mostly ham
+# sees fewer spam per band than these probabilities say (docs/bayes.md).
+DEFAULT_CALIBRATION: tuple[tuple[float, float], ...] = (
+    (-43.041, 0.001), (-23.041, 0.01), (-11.185, 0.05), (-4.486, 0.2), (-3.0, 0.4),
+    (-1.75, 0.6), (-0.774, 0.8), (-0.096, 0.95), (0.011, 0.99), (0.012, 0.999),
+    (50.011, 0.9999),
+)
 
 # (lower bound, symbol): the band of a probability is the last whose bound it reaches.
 BANDS: tuple[tuple[float, str], ...] = (

@@ -218,9 +218,10 @@ def test_check_untrained_then_votes(tmp_path):
     ham = _scan(scanner, msg("Minutes", "project meeting report minutes", mid="<t2@x>"))
     (s,), (h,) = _bayes_symbols(spam), _bayes_symbols(ham)
     assert s.name in ("BAYES_99", "BAYES_999") and float(s.options[0]) >= 0.99
-    assert h.name == "BAYES_00"
+    # calibrated: a ham known from a handful of tokens lands in the bottom two bands
+    assert h.name in ("BAYES_00", "BAYES_05") and float(h.options[0]) < 0.05
     scores = scanner.ruleset.scores
-    assert s.score == scores[s.name] > 0 > scores["BAYES_00"] == h.score
+    assert s.score == scores[s.name] > 0 > scores[h.name] == h.score
 
 
 def test_check_store_down_adds_zero_score_symbol_not_tempfail(tmp_path):
@@ -295,4 +296,48 @@ def test_periodic_expiry_removes_old_tokens(tmp_path):
     check_module._last_expiry = 0.0
     check_module.periodic_expire(settings)
     assert store.token_counts(["ancient", "fresh"]) == {"fresh": (1, 0)}
+    store.close()
+
+
+# --- exact Fisher tails and calibration ---------------------------------------------------
+def test_fisher_raw_score_orders_messages_that_saturate_at_one():
+    from filterd.bayes.classifier import _log_chi2_tails
+    import math
+    # both tails sum to 1, and agree with the plain series where that does not underflow
+    for x2, dof in ((1.0, 2), (10.0, 4), (300.0, 300), (600.0, 300)):
+        lower, upper = _log_chi2_tails(x2, dof)
+        assert math.exp(lower) + math.exp(upper) == pytest.approx(1.0)
+    assert math.exp(_log_chi2_tails(10.0, 4)[1]) == pytest.approx(math.exp(-5) * 6)
+    params = ClassifierParams(robinson_s=0.2, min_dev=0.0)
+    counts = {f"s{i}": (100, 0) for i in range(60)} | {"h": (0, 100)}
+    strong = classify([f"s{i}" for i in range(60)], counts, 100, 100, params)
+    weaker = classify([f"s{i}" for i in range(50)] + ["h"], counts, 100, 100, params)
+    assert strong.probability == weaker.probability == 1.0      # Fisher's p saturates...
+    assert strong.raw > weaker.raw > 0                           # ...its exact logit does not
+
+
+def test_calibration_map_is_monotone_and_names_the_band():
+    from filterd.bayes.classifier import DEFAULT_CALIBRATION, calibrate
+    raws = [p for p, _ in DEFAULT_CALIBRATION]
+    assert raws == sorted(raws)
+    probs = [calibrate(r / 4.0, DEFAULT_CALIBRATION) for r in range(-400, 400)]
+    assert probs == sorted(probs) and 0.0 < probs[0] < probs[-1] < 1.0
+    for raw, p in DEFAULT_CALIBRATION:
+        assert calibrate(raw, DEFAULT_CALIBRATION) == pytest.approx(p)
+    params = ClassifierParams(calibration=DEFAULT_CALIBRATION)
+    counts = {"spammy": (90, 0), "hammy": (0, 90)}
+    assert band(classify(["spammy"] * 1, counts, 100, 100, params).probability) >= "BAYES_95"
+    assert classify(["hammy"], counts, 100, 100, params).probability < 0.2
+
+
+def test_learn_batch_with_undo_in_the_same_batch_keeps_exact_counts(tmp_path):
+    from filterd.stores import LearnItem
+    store = SqliteTokenStore(tmp_path / "b.sqlite")
+    items = [LearnItem("d1", SPAM, ("a", "b")), LearnItem("d2", HAM, ("b", "c")),
+             LearnItem("d1", HAM, ("a", "b")), LearnItem("d2", None, ("b", "c")),
+             LearnItem("d3", SPAM, ("a",))]
+    results = store.learn_batch(items, 100)
+    assert [r.value for r in results] == ["learned", "learned", "moved", "forgotten", "learned"]
+    assert store.message_counts() == (1, 1)
+    assert store.token_counts(["a", "b", "c"]) == {"a": (1, 1), "b": (0, 1)}
     store.close()
