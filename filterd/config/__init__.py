@@ -271,14 +271,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bayes.bigrams", "bool", False,
             "Also learn sparse word pairs (OSB): 8x the tokens, no better on our corpora "
             "(docs/bayes.md)."),
-    Setting("bayes.robinson_s", "float", 0.45,
+    Setting("bayes.robinson_s", "float", 0.2,
             "Strength of the prior for rarely seen tokens (Robinson's s).", minimum=0.001),
     Setting("bayes.robinson_x", "float", 0.5,
             "Spam probability assumed for a token never seen (Robinson's x)."),
     Setting("bayes.min_dev", "float", 0.375,
             "Tokens whose probability is closer than this to 0.5 are ignored.", minimum=0.0),
-    Setting("bayes.max_significant", "int", 150,
+    Setting("bayes.max_significant", "int", 100,
             "Most tokens (the strongest) combined per message.", minimum=1),
+    Setting("bayes.calibrate", "bool", True,
+            "Map the classifier's score to a spam probability fitted on the corpora, so "
+            "BAYES_* bands mean what they say (docs/bayes.md); off: Fisher's raw p."),
     Setting("bayes.autolearn", "bool", True,
             "Learn scanned mail whose score without BAYES_* crosses the thresholds below; "
             "never a message that was learned already."),
