@@ -317,10 +317,14 @@ class Engine:
         use_hs = mode != "re" and HAVE_HYPERSCAN
         texts = _Texts(view)
         for rule in self.exists_rules:
-            present = (pseudo_header(view, rule.header) is not None
-                       if rule.header in PSEUDO_HEADERS else view.has_header(rule.header))
+            if rule.header in PSEUDO_HEADERS:
+                value = pseudo_header(view, rule.header)
+                present = value is not None
+            else:
+                present = view.has_header(rule.header)
+                value = view.first(rule.header) if present else None
             if present == rule.exists:
-                hits[rule.name] = (f"{rule.header}: {_excerpt_of(view.first(rule.header))}"
+                hits[rule.name] = (f"{rule.header}: {_excerpt_of(value or '')}"
                                    if present else f"(no {rule.header} header)")
         for group in self.groups.values():
             try:
@@ -554,8 +558,10 @@ def _address_part(values: list[str], modifier: str) -> str:
 # Values a header rule can read that are not headers of the message but computed from it, as
 # SpamAssassin offers them (imported rules use them; they are never read from the message, so a
 # forged "X-Spam-Relays-External:" header in the mail changes nothing).
-PSEUDO_HEADERS = ("x-spam-relays-untrusted", "x-spam-relays-trusted", "x-spam-relays-external",
-                  "x-spam-relays-internal", "messageid", "tocc", "envelopefrom")
+# Spelled exactly as SpamAssassin spells them (its names are case-sensitive: `MessageID` is a
+# real header, `MESSAGEID` the pseudo-header), and kept in that case by compile_rule.
+PSEUDO_HEADERS = ("X-Spam-Relays-Untrusted", "X-Spam-Relays-Trusted", "X-Spam-Relays-External",
+                  "X-Spam-Relays-Internal", "MESSAGEID", "ToCc", "EnvelopeFrom")
 _RCVD_ID = re.compile(r"\bid\s+<?([^\s;<>]+)", re.I)
 _RCVD_WITH = re.compile(r"\bwith\s+([A-Za-z0-9]+)", re.I)
 _RCVD_IDENT = re.compile(r"\(\s*([^\s@()]+)@[^\s()\[]*\s*\[", re.I)
@@ -599,19 +605,19 @@ def relays(view: MessageView) -> tuple[list[str], list[str]]:
 
 def pseudo_header(view: MessageView, name: str) -> str | None:
     """The value of a pseudo-header (PSEUDO_HEADERS), None where SpamAssassin has none."""
-    if name.startswith("x-spam-relays-"):
+    if name.startswith("X-Spam-Relays-"):
         trusted, untrusted = relays(view)
-        chosen = trusted if name.endswith(("-trusted", "-internal")) else untrusted
+        chosen = trusted if name.endswith(("-Trusted", "-Internal")) else untrusted
         return " ".join(chosen) if chosen else None
-    if name == "messageid":
+    if name == "MESSAGEID":
         values = [v for h in _MSGID_HEADERS for v in view.header(h)]
         return "\n".join(values) if values else None
-    if name == "tocc":
+    if name == "ToCc":
         to = ", ".join(view.header("to")).strip()
         cc = ", ".join(view.header("cc")).strip()
         joined = ", ".join(v for v in (to, cc) if v)
         return joined or None
-    if name == "envelopefrom":
+    if name == "EnvelopeFrom":
         if view.envelope.mail_from:
             return view.envelope.mail_from
         for h in _ENVFROM_HEADERS:
@@ -689,7 +695,7 @@ def compile_rule(name: str, entry: Mapping[str, Any], location: str = "") -> Rul
                                                f"{', '.join(HEADER_MODIFIERS)})")
         if kind == "mimeheader" and hname == "ALL":
             raise CompileError(name, "header", "mimeheader rules name one header")
-        header = hname if hname == "ALL" else hname.lower()
+        header = hname if hname == "ALL" or hname in PSEUDO_HEADERS else hname.lower()
         header = f"{header}:{modifier}" if modifier else header
     elif "header" in entry:
         raise CompileError(name, "header", f"{kind} rules read no header")

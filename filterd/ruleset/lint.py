@@ -66,9 +66,10 @@ def lint(ruleset: Any) -> list[Problem]:
         if not helper and name not in ruleset.scores:
             problems.append(Problem(loc(f"rule.{name}"), f"scores.{name}",
                                     "no score (add one to a scores table)"))
-        header = str(entry.get("header", "")).partition(":")[0].lower()
+        spelled = str(entry.get("header", "")).partition(":")[0].strip()
+        header = spelled.lower()
         if header and header.startswith(FOREIGN_HEADER_PREFIXES) and not entry.get("origin") \
-                and header not in PSEUDO_HEADERS:      # computed by filterd, not read
+                and spelled not in PSEUDO_HEADERS:     # computed by filterd, not read
             problems.append(Problem(loc(f"rule.{name}.header"), f"rule.{name}.header",
                                     f"{header} is added by another filter: rules must not "
                                     f"key on it"))

@@ -9,9 +9,15 @@ rawbody, full, uri, mimeheader, meta, score (the first score set: no Bayes, no n
 describe, tflags (kept; `nice` makes the default score negative), and ifplugin/if/else/endif
 blocks (ifplugin blocks are read, `if` conditions are taken as true unless negated). Lines of
 other directives (report, required_score, lang, ...) are counted, not rules.
-Not translatable, and reported: eval: tests (plugin code), pseudo-headers filterd does not
-model (ToCc, EnvelopeFrom, X-Spam-Relays-*, ...), Perl regex features with no equivalent, and
-meta rules that refer to a rule that was not translated.
+Pseudo-headers X-Spam-Relays-{Untrusted,Trusted,External,Internal}, MESSAGEID, ToCc and
+EnvelopeFrom are computed by the engine (filterd.ruleset.engine.pseudo_header; case-sensitive as
+in SpamAssassin). Local eval: tests with an exact pattern or meta equivalent are translated:
+check_all_trusted, html_tag_exists, check_for_mime_html(_only), check_freemail_from and
+check_freemail_header (from the freemail_domains lines read).
+Not translatable, and reported: other eval: tests (plugin code, network tests), the pseudo-headers
+filterd does not model, Perl regex features with no equivalent, and meta rules that refer to a
+rule that was not translated. Not handled yet: ReplaceTags (replace_tag/replace_rules), so rules
+written with <TAG> placeholders are translated literally and do not hit as in SpamAssassin.
 
 Perl regex to Python `regex`: m{...}/m!...!/.../ delimiters and flags i, s, m, x; \\z -> \\Z,
 Perl's \\Z -> (?=\\n?\\Z), \\Q...\\E quoting, \\h/\\H, Perl's \\v (vertical space), \\e, \\g{N}.
@@ -33,9 +39,8 @@ PATTERN_KINDS = ("header", "body", "rawbody", "full", "uri", "mimeheader")
 RULE_KINDS = PATTERN_KINDS + ("meta",)
 # SpamAssassin pseudo-headers filterd computes (filterd.ruleset.engine.pseudo_header) and
 # those it does not.
-MODELLED_PSEUDO_HEADERS = {"tocc", "envelopefrom", "x-spam-relays-untrusted",
-                           "x-spam-relays-trusted", "x-spam-relays-internal",
-                           "x-spam-relays-external", "messageid"}
+# The modelled ones are in filterd.ruleset.engine.PSEUDO_HEADERS, case-sensitive as in
+# SpamAssassin (`exists:MessageID` tests a real header named MessageID).
 PSEUDO_HEADERS = {"x-spam-gtube", "x-spam-rbl", "x-spam-relays-untrusted-list",
                   "x-spam-relays-trusted-list"}
 
@@ -257,15 +262,13 @@ def _translate_eval(kind: str, body: str, result: "ImportResult",
     if test == "check_for_mime_html" and not args:
         helper("__SAX_CT_HTML")
         return {"kind": "meta", "expression": "__SAX_CT_HTML"}
-    if test in ("check_freemail_from", "check_freemail_replyto", "check_freemail_header"):
+    if test in ("check_freemail_from", "check_freemail_header"):
         if test == "check_freemail_from" and not args:
             header = "From:addr"
         elif test == "check_freemail_header" and len(args) == 1 \
                 and re.fullmatch(r"[A-Za-z0-9-]+", args[0]):
             header = f"{args[0]}:addr"
-        elif test == "check_freemail_replyto" and args == ["replyto"]:
-            header = "Reply-To:addr"
-        else:
+        else:      # check_freemail_replyto also compares Reply-To with From: not a pattern
             raise Untranslatable(f"eval test {test} with arguments {args} (plugin code)")
         return {"kind": "header", "header": header, "pattern": _freemail_pattern(freemail),
                 "flags": "im"}

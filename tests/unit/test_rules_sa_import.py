@@ -23,6 +23,7 @@ CF = textwrap.dedent(r"""
     header   LOC_TOCC        ToCc =~ /carol\@example\.org/
     header   LOC_ENVFROM     EnvelopeFrom =~ /bounce\@lists\.example/
     header   LOC_MSGID       MESSAGEID =~ /\$/
+    header   LOC_REAL_MSGID  exists:MessageID
     header   LOC_ALL_TRUSTED eval:check_all_trusted()
     freemail_domains freemail.example *.webmail.example
     header   LOC_FREEMAIL    eval:check_freemail_from()
@@ -70,7 +71,7 @@ def test_untranslated_rules_are_reported_by_name_and_reason(imported):
     assert "check_rbl" in skipped["LOC_RBL"]
     assert "LOC_RBL" in skipped["LOC_META_LOST"]
     assert "LOC_RBL" not in imported.rules and "LOC_META_LOST" not in imported.rules
-    assert "translated 13 of 15 rules" in sa_import.summary(imported)
+    assert "translated 14 of 16 rules" in sa_import.summary(imported)
 
 
 def test_relay_pseudo_headers_follow_the_trust_path():
@@ -81,16 +82,16 @@ def test_relay_pseudo_headers_follow_the_trust_path():
     assert untrusted[0].startswith("[ ip=1.2.3.4 rdns=host-1-2-3-4.dyn.example helo=helo.example"
                                    " by=mx.local ")
     assert untrusted[1].startswith("[ ip=5.6.7.8 rdns= helo=origin.example")
-    assert pseudo_header(view, "x-spam-relays-external") == " ".join(untrusted)
-    assert pseudo_header(view, "x-spam-relays-internal") == " ".join(trusted)
-    assert pseudo_header(view, "tocc") == "bob@example.net, carol@example.org"
-    assert pseudo_header(view, "envelopefrom") == "<bounce@lists.example>"
-    assert pseudo_header(view, "messageid") == "<0a1$2b@host>"
+    assert pseudo_header(view, "X-Spam-Relays-External") == " ".join(untrusted)
+    assert pseudo_header(view, "X-Spam-Relays-Internal") == " ".join(trusted)
+    assert pseudo_header(view, "ToCc") == "bob@example.net, carol@example.org"
+    assert pseudo_header(view, "EnvelopeFrom") == "<bounce@lists.example>"
+    assert pseudo_header(view, "MESSAGEID") == "<0a1$2b@host>"
 
 
 def test_a_forged_pseudo_header_in_the_message_is_not_read():
     view = parse(b"X-Spam-Relays-External: [ ip=9.9.9.9 rdns=dyn ]\nSubject: x\n\nbody\n")
-    assert pseudo_header(view, "x-spam-relays-external") is None
+    assert pseudo_header(view, "X-Spam-Relays-External") is None
 
 
 def test_imported_rules_fire_in_the_engine(imported, tmp_path: Path):
@@ -105,6 +106,7 @@ def test_imported_rules_fire_in_the_engine(imported, tmp_path: Path):
                  "LOC_MSGID", "LOC_FREEMAIL", "LOC_CENTER"):
         assert name in fired, name
     assert "LOC_NO_RDNS" not in fired            # the first untrusted relay has a name
+    assert "LOC_REAL_MSGID" not in fired         # a real header "MessageID", not MESSAGEID
     metas, _errors = engine.evaluate_metas({n: 1.0 for n in result.hits})
     assert "LOC_META" in metas and "LOC_HTML_ONLY" in metas
     assert "LOC_ALL_TRUSTED" not in metas         # there are untrusted relays
