@@ -30,7 +30,7 @@ spam_lover = true
 bypass_spam_checks = true
 """
 
-RULE_FILES = ("actions.toml", "core.toml", "scores.toml", "policy.toml")
+RULE_FILES = ("actions.toml", "core.toml", "scores.toml", "policy.toml", "antivirus.toml")
 
 
 def message(n: int, from_addr: str = "alice@sender.test", body: str = GTUBE) -> bytes:

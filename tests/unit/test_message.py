@@ -177,3 +177,21 @@ def test_every_corpus_message_parses(corpus_files):
             att.sniffed_type
     assert len(corpus_files) > 10_000
     assert time.perf_counter() - started < 300
+
+
+def test_fast_url_finder_agrees_with_the_regex():
+    from filterd.message import _URL, find_urls
+    samples = ["see http://a.example/x and HTTPS://B.example/y?q=1, www.c.example.",
+               "bare http:// and ftp://f.example/z WWW.D.example xhttp://e.example",
+               "https://g.example/<b>bold</b> http://h.example/\"quoted\" www.",
+               "url in (http://i.example/path) and [https://j.example]"]
+    for text in samples:
+        assert find_urls(text) == [m.group(0) for m in _URL.finditer(text)], text
+
+
+@pytest.mark.corpus
+def test_fast_url_finder_agrees_on_the_corpus(corpus_files):
+    from filterd.message import _URL, find_urls
+    for path in corpus_files[::7]:
+        for part in parse(path.read_bytes()).text_parts:
+            assert find_urls(part.text) == [m.group(0) for m in _URL.finditer(part.text)], path
