@@ -539,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma list of: filterd (scan), milter, sa, rspamd")
     parser.add_argument("--skip-train", action="store_true",
                         help="reuse the peers' trained Bayes databases from an earlier run")
+    parser.add_argument("--reuse-filterd-bayes", action="store_true",
+                        help="with --skip-train, also reuse filterd's Bayes database")
     parser.add_argument("--workdir", default="/tmp/filterd-bench")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
@@ -566,11 +568,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if only & {"filterd", "milter"}:
         config = filterd_config(workdir / "filterd", milter_port=18899)
-        if not args.skip_train:
+        # filterd's own training is cheap (a minute): --skip-train reuses the peers' databases,
+        # and filterd's too only with --reuse-filterd-bayes (a Bayes change needs retraining).
+        reuse = args.skip_train and args.reuse_filterd_bayes
+        if not reuse:
             shutil.rmtree(workdir / "filterd" / "state", ignore_errors=True)
         (workdir / "filterd" / "state").mkdir(parents=True, exist_ok=True)
         report["training"]["filterd"] = (filterd_train(config, a_ham, a_spam)
-                                         if not args.skip_train else {"reused": True})
+                                         if not reuse else {"reused": True})
         print(f"filterd training: {report['training']['filterd']}", file=sys.stderr)
         if "filterd" in only:
             rows.append(figures(run_filterd_scan(config, half_b, workdir / "filterd")))
