@@ -65,6 +65,8 @@ class ImportResult:
     read_errors: list[str] = field(default_factory=list)
     locations: dict[str, str] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)       # rule -> its kind in the .cf
+    # meta -> the names it uses that no file defines (read as 0, as SpamAssassin does)
+    undefined_refs: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Untranslatable(ValueError):
@@ -180,7 +182,7 @@ def translate_regex(pattern: str, flags: str) -> tuple[str, str]:
     return translated, our_flags
 
 
-def _parse_header_rule(rest: str) -> dict[str, Any]:
+def _parse_header_rule(rest: str, tags: ReplaceTags | None = None) -> dict[str, Any]:
     rest = rest.strip()
     if rest.startswith("exists:"):
         header = rest[len("exists:"):].strip()
@@ -197,6 +199,8 @@ def _parse_header_rule(rest: str) -> dict[str, Any]:
     if modifier and modifier not in ("raw", "addr", "name"):
         raise Untranslatable(f"header modifier :{modifier} is not supported")
     pattern, flags, tail = split_regex(regex_text)
+    if tags is not None:
+        pattern = tags.expand(pattern)
     entry: dict[str, Any] = {"header": header}
     if op == "!~":
         entry["negate"] = True
@@ -275,6 +279,57 @@ def _translate_eval(kind: str, body: str, result: "ImportResult",
     raise Untranslatable(f"eval test {test} (plugin code)")
 
 
+@dataclass
+class ReplaceTags:
+    """SpamAssassin's ReplaceTags data: tag values and the pre/inter/post pieces, by name."""
+    tags: dict[str, str] = field(default_factory=dict)
+    pre: dict[str, str] = field(default_factory=dict)
+    inter: dict[str, str] = field(default_factory=dict)
+    post: dict[str, str] = field(default_factory=dict)
+    start: str = "<"
+    end: str = ">"
+    rules: set[str] = field(default_factory=set)
+
+    def expand(self, pattern: str) -> str:
+        """The pattern with its tags replaced, as ReplaceTags does for rules in replace_rules.
+
+        `<pre X>`, `<inter X>` and `<post X>` markers choose which replace_pre/inter/post
+        value this rule uses and are removed; every known `<TAG>` becomes pre + value + post,
+        and the inter value goes between two tags that follow each other directly. Tag values
+        that name other tags are expanded in turn (a few levels deep).
+        """
+        start, end = re.escape(self.start), re.escape(self.end)
+        chosen: dict[str, str] = {}
+        for kind, table in (("pre", self.pre), ("inter", self.inter), ("post", self.post)):
+            marker = re.compile(start + kind + r"\s+(\w+)" + end)
+            m = marker.search(pattern)
+            if m:
+                if m.group(1) not in table:
+                    raise Untranslatable(f"ReplaceTags {kind} {m.group(1)} is not defined")
+                chosen[kind] = table[m.group(1)]
+                pattern = marker.sub("", pattern)
+        tag = re.compile(start + r"(\w+)" + end)
+        pre, inter, post = chosen.get("pre", ""), chosen.get("inter", ""), chosen.get("post", "")
+        for _depth in range(5):
+            pieces: list[str] = []
+            last = 0
+            previous_end = -1
+            for m in tag.finditer(pattern):
+                if m.group(1) not in self.tags:
+                    continue
+                pieces.append(pattern[last:m.start()])
+                if inter and previous_end == m.start():
+                    pieces.append(inter)
+                pieces.append(pre + self.tags[m.group(1)] + post)
+                last = previous_end = m.end()
+            if not pieces:
+                break
+            pieces.append(pattern[last:])
+            pattern = "".join(pieces)
+            pre = inter = post = ""          # only the rule's own tags get its pieces
+        return pattern
+
+
 def _meta_expression(text: str) -> str:
     if re.search(r"[^\w\s()&|!+\-*/<>=.]", text):
         raise Untranslatable("meta expression uses operators filterd does not have")
@@ -290,6 +345,7 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
     result = ImportResult()
     pending: dict[str, tuple[str, str, str]] = {}       # name -> (kind, rest, location)
     freemail: list[str] = []                             # freemail_domains entries
+    replace = ReplaceTags()
     for path in paths:
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -337,6 +393,15 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
                 result.descriptions[prefix + name] = desc.strip()
             elif word == "freemail_domains":
                 freemail.extend(rest.split())
+            elif word in ("replace_tag", "replace_pre", "replace_inter", "replace_post"):
+                tag_name, value = (re.split(r"\s+", rest, maxsplit=1) + [""])[:2]
+                table = {"replace_tag": replace.tags, "replace_pre": replace.pre,
+                         "replace_inter": replace.inter, "replace_post": replace.post}[word]
+                table[tag_name] = value.strip()
+            elif word in ("replace_start", "replace_end") and rest:
+                setattr(replace, word.split("_")[1], rest.split()[0])
+            elif word == "replace_rules":
+                replace.rules.update(prefix + n for n in rest.split())
             elif word == "tflags":
                 name, flags = (re.split(r"\s+", rest, maxsplit=1) + [""])[:2]
                 result.tflags[prefix + name] = flags.split()
@@ -344,6 +409,7 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
                 result.other_lines += 1
 
     metas: dict[str, tuple[str, str]] = {}
+    undefined_refs: dict[str, list[str]] = {}          # meta -> names no file defines
     for name, (kind, body, location) in pending.items():
         result.locations[name] = location
         result.kinds[name] = kind
@@ -351,20 +417,34 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 raise Untranslatable("rule name is not letters, digits and _")
             if kind == "meta":
-                metas[name] = (_meta_expression(body), location)
+                expression = _meta_expression(body)
+                # SpamAssassin runs a meta whose dependency no file defines, with that name
+                # as 0 (it logs "meta test X has undefined dependency Y"): so do we, and the
+                # report's undefined list says which names were read as 0.
+                from filterd.ruleset.expr import compile_expression
+                undefined = [r for r in compile_expression(expression).references
+                             if r not in pending]
+                if undefined:
+                    undefined_refs[name] = sorted(set(undefined))
+                    expression = re.sub(r"\b(?:" + "|".join(map(re.escape, undefined)) + r")\b",
+                                        "0", expression)
+                metas[name] = (expression, location)
                 continue
             if body.startswith("eval:"):
                 entry = _translate_eval(kind, body, result, freemail)
                 result.rules[name] = entry
                 continue
+            tags = replace if name in replace.rules else None
             if kind in ("header", "mimeheader"):
-                entry = _parse_header_rule(body)
+                entry = _parse_header_rule(body, tags)
                 if kind == "mimeheader" and (entry.get("negate") or "exists" in entry):
                     raise Untranslatable("negated or exists: mimeheader rules are not supported")
             else:
                 pattern, flags, tail = split_regex(body)
                 if tail:
                     raise Untranslatable(f"unexpected text after the regex: {tail[:30]!r}")
+                if tags is not None:
+                    pattern = tags.expand(pattern)
                 pattern, flags = translate_regex(pattern, flags)
                 entry = {"pattern": pattern, "flags": flags}
             entry = {"kind": kind, **entry}
@@ -374,6 +454,7 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
         except Untranslatable as exc:
             result.skipped.append(Skipped(name, kind, location, str(exc)))
 
+    result.undefined_refs = undefined_refs
     # metas: translate those whose every reference resolves to a translated rule or meta
     from filterd.ruleset.expr import compile_expression
     remaining = dict(metas)
@@ -400,6 +481,9 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
         entry["description"] = result.descriptions.get(name) or f"SpamAssassin rule {name}"
         entry["origin"] = (f"spamassassin {result.locations[name]}" if name in result.locations
                            else "filterd: helper of translated eval: tests")
+        if name in result.undefined_refs:
+            entry["origin"] += ("; names no file defines, read as 0 as in SpamAssassin: "
+                                + ", ".join(result.undefined_refs[name]))
         if not name.startswith("__") and name not in result.scores:
             # SpamAssassin's default for a rule without a score line
             result.scores[name] = -1.0 if flags and "nice" in flags else 1.0
