@@ -1,6 +1,6 @@
 """Do the imported SpamAssassin stock rules hit what spamd hits? (issue 5, not in `make test`)
 
-1. Translates /usr/share/spamassassin/*.cf with `filterd.ruleset.sa_import` and loads the result
+1. Translates /etc/spamassassin/*.pre and /usr/share/spamassassin/*.cf with `filterd.ruleset.sa_import` and loads the result
    on top of the shipped rules, as a site's local.d would.
 2. Starts a private spamd (-L: local tests only; no Bayes, no DNS, no Razor/Pyzor/DCC) on a
    loopback port with its own site config in a temporary directory, as the user debian-spamd
@@ -110,7 +110,10 @@ def main() -> int:
         return 2
 
     started = time.time()
-    result = sa_import.import_files(sorted(SA_DIR.glob("*.cf")))
+    # the .pre files first: their loadplugin lines decide the ifplugin/if can() blocks, as in
+    # the spamd started below (it reads the same /etc/spamassassin)
+    result = sa_import.import_files(sorted(Path("/etc/spamassassin").glob("*.pre"))
+                                    + sorted(SA_DIR.glob("*.cf")))
     compared = {n for n in result.rules if not n.startswith("__") and result.scores.get(n, 0)}
     tmp = Path(tempfile.mkdtemp(prefix="bench-sa-import-"))
     os.chmod(tmp, 0o755)          # spamd runs as debian-spamd and reads its config here

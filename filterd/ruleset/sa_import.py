@@ -7,17 +7,21 @@ Settings: none. Symbols: none (the output is a rule file for <site>/local.d/).
 Understood: header (one header, ALL, :raw/:addr/:name, exists:, !~, [if-unset: X]), body,
 rawbody, full, uri, mimeheader, meta, score (the first score set: no Bayes, no network),
 describe, tflags (kept; `nice` makes the default score negative), and ifplugin/if/else/endif
-blocks (ifplugin blocks are read, `if` conditions are taken as true unless negated). Lines of
+blocks (see _condition: with the .pre files' loadplugin lines they follow the loaded plugins;
+without, ifplugin blocks are read and `if` conditions are true unless negated). Lines of
 other directives (report, required_score, lang, ...) are counted, not rules.
 Pseudo-headers X-Spam-Relays-{Untrusted,Trusted,External,Internal}, MESSAGEID, ToCc and
 EnvelopeFrom are computed by the engine (filterd.ruleset.engine.pseudo_header; case-sensitive as
 in SpamAssassin). Local eval: tests with an exact pattern or meta equivalent are translated:
-check_all_trusted, html_tag_exists, check_for_mime_html(_only), check_freemail_from and
-check_freemail_header (from the freemail_domains lines read).
+check_all_trusted, html_tag_exists, check_for_mime_html(_only), check_for_mime('mime_qp_count'
+/'mime_base64_count'), check_freemail_from and check_freemail_header (from the freemail_domains
+lines read). ReplaceTags: replace_tag/pre/inter/post/start/end and replace_rules are applied
+(SpamAssassin's byte sequences such as [\\xc3][\\xa0] in tag values are kept, and match the
+characters U+00C3 U+00A0 of the decoded text, not UTF-8 bytes: multi-byte look-alikes do not
+match). A meta name no file defines is read as 0, as SpamAssassin does.
 Not translatable, and reported: other eval: tests (plugin code, network tests), the pseudo-headers
 filterd does not model, Perl regex features with no equivalent, and meta rules that refer to a
-rule that was not translated. Not handled yet: ReplaceTags (replace_tag/replace_rules), so rules
-written with <TAG> placeholders are translated literally and do not hit as in SpamAssassin.
+rule that was not translated.
 
 Perl regex to Python `regex`: m{...}/m!...!/.../ delimiters and flags i, s, m, x; \\z -> \\Z,
 Perl's \\Z -> (?=\\n?\\Z), \\Q...\\E quoting, \\h/\\H, Perl's \\v (vertical space), \\e, \\g{N}.
@@ -266,6 +270,11 @@ def _translate_eval(kind: str, body: str, result: "ImportResult",
     if test == "check_for_mime_html" and not args:
         helper("__SAX_CT_HTML")
         return {"kind": "meta", "expression": "__SAX_CT_HTML"}
+    if test == "check_for_mime" and args in (["mime_qp_count"], ["mime_base64_count"]):
+        # the count of MIME parts with that transfer encoding is above zero
+        encoding = "quoted-printable" if args[0] == "mime_qp_count" else "base64"
+        return {"kind": "mimeheader", "header": "Content-Transfer-Encoding",
+                "pattern": rf"^\s*{encoding}\b", "flags": "i"}
     if test in ("check_freemail_from", "check_freemail_header"):
         if test == "check_freemail_from" and not args:
             header = "From:addr"
@@ -330,6 +339,25 @@ class ReplaceTags:
         return pattern
 
 
+_CAN = re.compile(r"(!?)\s*can\(\s*([\w:]+?)::(?:has_)?\w+\s*\)")
+
+
+def _condition(word: str, rest: str, loaded: set[str]) -> bool:
+    """Whether an ifplugin/if block is read.
+
+    With loadplugin lines read (pass the .pre files, e.g. /etc/spamassassin/*.pre, before the
+    .cf files), `ifplugin P` and `if [!]can(P::has_x)` follow the plugins that are loaded, as
+    in the spamd that loads the same files. Without any, every ifplugin block is read and an
+    `if` is taken as true unless negated. Other `if` expressions (version checks) are true.
+    """
+    if word == "ifplugin":
+        return not loaded or rest.split()[0] in loaded
+    m = _CAN.search(rest)
+    if m and loaded:
+        return (m.group(2) in loaded) != bool(m.group(1))
+    return not rest.lstrip("( ").startswith("!")
+
+
 def _meta_expression(text: str) -> str:
     if re.search(r"[^\w\s()&|!+\-*/<>=.]", text):
         raise Untranslatable("meta expression uses operators filterd does not have")
@@ -346,6 +374,7 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
     pending: dict[str, tuple[str, str, str]] = {}       # name -> (kind, rest, location)
     freemail: list[str] = []                             # freemail_domains entries
     replace = ReplaceTags()
+    loaded_plugins: set[str] = set()                     # loadplugin lines read (.pre files)
     for path in paths:
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -360,9 +389,11 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
             word, rest = (re.split(r"\s+", line, maxsplit=1) + [""])[:2]
             word = word.lower()
             rest = rest.strip()
+            if word == "loadplugin" and rest:
+                loaded_plugins.add(rest.split()[0])
+                continue
             if word in ("ifplugin", "if"):
-                negated = word == "if" and rest.lstrip("( ").startswith("!")
-                conditions.append(not negated)
+                conditions.append(_condition(word, rest, loaded_plugins))
                 continue
             if word == "else":
                 if conditions:

@@ -169,3 +169,50 @@ def test_replace_tags_rule_fires_in_the_engine(tmp_path: Path):
     assert "LOC_FUZZY_MONEY" in hits and "LOC_NESTED" in hits
     metas, errors = engine.evaluate_metas({n: 1.0 for n in hits})
     assert "LOC_UNDEFINED_DEP" in metas and not errors
+
+
+PLUGIN_CF = textwrap.dedent(r"""
+    loadplugin Mail::SpamAssassin::Plugin::Loaded
+    ifplugin Mail::SpamAssassin::Plugin::Loaded
+    body LOC_IN_LOADED /loaded/
+    endif
+    ifplugin Mail::SpamAssassin::Plugin::NotLoaded
+    body LOC_IN_NOT_LOADED /not loaded/
+    endif
+    if can(Mail::SpamAssassin::Plugin::NotLoaded::has_feature)
+    body LOC_CAN /can/
+    endif
+    if !can(Mail::SpamAssassin::Plugin::NotLoaded::has_feature)
+    body LOC_CANNOT /cannot/
+    endif
+    if (version >= 4.000000)
+    body LOC_VERSION /version/
+    endif
+    rawbody LOC_QP eval:check_for_mime('mime_qp_count')
+    rawbody LOC_B64 eval:check_for_mime('mime_base64_count')
+    rawbody LOC_QP_LONG eval:check_for_mime('mime_qp_long_line')
+""")
+
+
+def test_loadplugin_lines_decide_plugin_blocks_and_mime_encoding_evals(tmp_path: Path):
+    cf = tmp_path / "plugins.cf"
+    cf.write_text(PLUGIN_CF)
+    result = sa_import.import_files([cf])
+    assert {"LOC_IN_LOADED", "LOC_CANNOT", "LOC_VERSION"} <= set(result.rules)
+    assert not {"LOC_IN_NOT_LOADED", "LOC_CAN"} & set(result.rules)
+    # without loadplugin lines every ifplugin block is read and `if` is true unless negated
+    cf.write_text(PLUGIN_CF.replace("loadplugin", "# loadplugin"))
+    result = sa_import.import_files([cf])
+    assert {"LOC_IN_LOADED", "LOC_IN_NOT_LOADED", "LOC_CAN"} <= set(result.rules)
+    assert "LOC_CANNOT" not in result.rules
+    reasons = {s.name: s.reason for s in result.skipped}
+    assert "check_for_mime" in reasons["LOC_QP_LONG"]
+    site = tmp_path / "site"
+    (site / "local.d").mkdir(parents=True)
+    (site / "local.d" / "sa.toml").write_text(sa_import.to_toml(result))
+    engine = load(PROJECT_RULES, site).engine
+    qp = (b"Subject: x\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n--b\n"
+          b"Content-Type: text/plain\nContent-Transfer-Encoding: quoted-printable\n\nhi=3D\n--b--\n")
+    hits = engine.match(parse(qp)).hits
+    assert "LOC_QP" in hits and "LOC_B64" not in hits
+    assert "LOC_QP" not in engine.match(parse(b"Subject: x\n\nplain\n")).hits
