@@ -106,12 +106,17 @@ class FilterMilter(Milter.Base):
             name = name.encode("ascii", "surrogateescape")
         value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         self.headers.append(name + b": " + value + b"\r\n")
-        return Milter.CONTINUE
+        # No reply per header (P_NR_HDR, negotiated through `header` below): the MTA streams
+        # the headers instead of waiting for an answer to each one.
+        return Milter.NOREPLY if self._protocol & Milter.P_NR_HDR else Milter.CONTINUE
 
+    @Milter.noreply
     def header(self, name: str, value: str) -> int:
         # pymilter asks the MTA to skip the header stage (P_NOHDRS) unless `header` itself is
-        # overridden; the bytes entry point above is the one runmilter calls.
-        return self.header_bytes(name, value.encode("utf-8", "surrogateescape"))
+        # overridden, and to wait for a reply per header unless it is @noreply; the bytes
+        # entry point above is the one runmilter calls.
+        self.header_bytes(name, value.encode("utf-8", "surrogateescape"))
+        return Milter.CONTINUE
 
     @Milter.noreply
     def eoh(self) -> int:
