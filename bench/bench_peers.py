@@ -280,6 +280,9 @@ def filterd_config(workdir: Path, *, milter_port: int | None = None) -> Path:
         listen = ""
         [milter]
         listen = "inet:{milter_port or 18899}@127.0.0.1"
+        [bayes]
+        # as for the peers (peers.md): the measured messages must not teach the learner
+        autolearn = false
         """)
     path = workdir / "filterd.toml"
     path.write_text(text)
