@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from filterd.cli.progress import ProgressBar, count_files
+
 # Header names at least one of which a mail message has near its top.
 _MAIL_HEADERS = {"from", "to", "subject", "date", "received", "message-id", "return-path",
                  "delivered-to", "mime-version", "content-type", "sender", "reply-to", "cc"}
@@ -60,47 +62,20 @@ def check_message(raw: bytes) -> tuple[str | None, Any]:
     return None, view
 
 
-def _count_files(paths: list[str]) -> int | None:
-    """How many files the paths hold (an mbox counts once); None when unknown."""
-    total = 0
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            for _root, _dirs, files in os.walk(path):
-                total += sum(1 for f in files if not f.startswith("."))
-        elif path.exists():
-            total += 1
-    return total
-
-
 class Progress:
+    """learn's counts on the shared progress bar."""
+
     def __init__(self, enabled: bool, total: int | None):
-        self.enabled, self.total = enabled, total
-        self.started = time.monotonic()
-        self._last = 0.0
+        self.bar = ProgressBar(total, enabled=enabled, per_second=5.0)
+        self.enabled = enabled
 
     def update(self, done: int, counts: dict[str, int], *, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.2:
-            return
-        self._last = now
-        rate = done / max(now - self.started, 1e-6)
-        tail = (f" {done} msgs  learned {counts['learned']}  moved {counts['moved']}  "
-                f"already {counts['noop']}  skipped {counts['skipped']}  {rate:,.0f}/s")
-        if self.total:
-            frac = min(done / self.total, 1.0)
-            bar = "#" * int(frac * 30)
-            line = f"\r[{bar:<30}] {frac * 100:3.0f}%" + tail
-        else:
-            line = "\r" + tail
-        sys.stderr.write(line[:160])
-        sys.stderr.flush()
+        self.bar.update(done, f"learned {counts['learned']}  moved {counts['moved']}  "
+                              f"already {counts['noop']}  skipped {counts['skipped']}",
+                        force=force)
 
     def finish(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        self.bar.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     learner = Learner(Bayes.from_settings(settings, store), batch_size=settings.bayes.batch_size,
                       on_result=on_result)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
-    progress = Progress(bool(show) and not args.quiet, _count_files(args.paths) if show else None)
+    progress = Progress(bool(show) and not args.quiet, count_files(args.paths) if show else None)
     started = time.monotonic()
     done = 0
     try:

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from filterd.cli.progress import ProgressBar, count_files
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("replay", help="replay a labelled corpus: confusion matrix, ROC, report",
@@ -50,49 +52,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-class ProgressBar:
-    """A one-line bar on stderr, redrawn at most ten times a second."""
+class ReplayProgress:
+    """replay's running count of spam verdicts on the shared progress bar."""
 
     def __init__(self, total: int, label: str, stream: Any = None):
-        self.total, self.label = total, label
-        self.stream = stream or sys.stderr
-        self.started = time.monotonic()
-        self.last = 0.0
+        self.bar = ProgressBar(total, label, stream=stream)
         self.spam = 0
 
     def __call__(self, done: int, result: Any) -> None:
         self.spam += bool(result.spam_verdict)
-        now = time.monotonic()
-        if now - self.last < 0.1 and done != self.total:
-            return
-        self.last = now
-        rate = done / max(now - self.started, 1e-9)
-        width = 30
-        if self.total:
-            filled = min(width, width * done // self.total)
-            bar = "#" * filled + "." * (width - filled)
-            head = f"[{bar}] {done}/{self.total}"
-        else:
-            head = f"{done}"
-        self.stream.write(f"\r{self.label} {head} {rate:.1f} msg/s, {self.spam} spam verdicts ")
-        self.stream.flush()
+        self.bar.update(done, f"{self.spam} spam verdicts")
 
     def close(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
-
-
-def count_files(paths: Sequence[str]) -> int:
-    """Files under the paths: the progress bar's total (an mbox counts as one)."""
-    total = 0
-    for p in paths:
-        path = Path(p)
-        if path.is_dir():
-            for _root, _dirs, files in os.walk(path):
-                total += sum(1 for f in files if not f.startswith("."))
-        elif path.exists():
-            total += 1
-    return total
+        self.bar.close()
 
 
 def _load(config_path: str | None, args: argparse.Namespace) -> Any:
@@ -167,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     total = count_files(args.paths) if draw else 0
 
     def one_run(run_settings: Any, name: str) -> tuple[list[Any], Any]:
-        bar = ProgressBar(total, name) if draw else None
+        bar = ReplayProgress(total, name) if draw else None
         try:
             return replay(args.paths, run_settings, label=args.label, network=args.network,
                           progress=bar)
