@@ -3,51 +3,16 @@
 import asyncio
 import json
 import smtplib
-import socket
 import threading
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 
 from filterd import config
+from harness.loopback import CLEAN, GTUBE, Sink, SinkController, free_port
 from filterd.frontends import smtp as smtp_frontend
 from filterd.pipeline import Phase, check
 from filterd.service import Scanner
 
-GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
-CLEAN = (b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\nX-Spam-Flag: NO\r\n"
-         b"Date: Sun, 22 Nov 2026 05:00:00 +0000\r\nMessage-ID: <1@example.org>\r\n\r\nhello\r\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Sink:
-    """A reinjection listener: records what it receives, or refuses with `reply`."""
-
-    def __init__(self):
-        self.messages: list[tuple[str, list[str], bytes]] = []
-        self.reply: str | None = None
-
-    async def handle_DATA(self, server, session, envelope):
-        if self.reply:
-            return self.reply
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
-                              envelope.original_content))
-        return "250 OK"
-
-
-class LongLineSMTP(AiosmtpdSMTP):
-    line_length_limit = 64 * 1024 * 1024  # like Postfix's smtpd, which has no such limit
-
-
-class SinkController(Controller):
-    def factory(self):
-        return LongLineSMTP(self.handler, data_size_limit=None)
 
 
 @check("test.smtp_slow", phase=Phase.MAIN)

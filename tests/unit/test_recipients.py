@@ -6,15 +6,16 @@ context, a real aiosmtpd sink on loopback); the Scanner, quarantine and policy a
 import asyncio
 import json
 import smtplib
-import socket
 import sqlite3
 import threading
 
 import Milter
 import pytest
 
-from filterd import config
 from aiosmtpd.controller import Controller
+
+from filterd import config
+from harness.loopback import GTUBE, Sink, free_port
 
 from filterd.frontends import milter as milter_frontend
 from filterd.frontends import smtp as smtp_frontend
@@ -26,30 +27,8 @@ from filterd.policy.recipients import (FileMap, RecipientLookup, SqliteMap, look
 from filterd.quarantine import Query, SpoolStore
 from filterd.service import Scanner
 
-GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 CLEAN = (b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n"
          b"Date: Sun, 22 Nov 2026 05:00:00 +0000\r\nMessage-ID: <1@example.org>\r\n\r\nhello\r\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Sink:
-    """The reinjection listener: records what it receives, or refuses with `reply`."""
-
-    def __init__(self):
-        self.messages: list[tuple[str, list[str], bytes]] = []
-        self.reply: str | None = None
-
-    async def handle_DATA(self, server, session, envelope):
-        if self.reply:
-            return self.reply
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
-                              envelope.original_content))
-        return "250 OK"
 
 
 class Rig:
