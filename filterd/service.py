@@ -459,6 +459,16 @@ class Scanner:
     def log_message(self, outcome: Outcome, disposition: Disposition, frontend: str) -> None:
         """One structured line per message (log.format kv or json), then AFTER_SCAN_HOOKS."""
         self.counters[disposition.action.value] = self.counters.get(disposition.action.value, 0) + 1
+        if msglog.isEnabledFor(logging.INFO):  # below the log level, the line is never built
+            self._write_message_line(outcome, disposition, frontend)
+        for hook in AFTER_SCAN_HOOKS:
+            try:
+                hook(outcome, disposition)
+            except Exception:
+                log.exception("after-scan hook %r failed", hook)
+
+    def _write_message_line(self, outcome: Outcome, disposition: Disposition,
+                            frontend: str) -> None:
         record = message_record(outcome, disposition, frontend)
         try:
             if self.settings.log.format == "json":
@@ -469,11 +479,6 @@ class Scanner:
             msglog.info(line, extra={"filterd": {k: _flat(k, v) for k, v in record.items()}})
         except Exception:  # a log line must never cost a message its hooks (metrics, learn)
             log.exception("cannot log message %s", record.get("queue_id"))
-        for hook in AFTER_SCAN_HOOKS:
-            try:
-                hook(outcome, disposition)
-            except Exception:
-                log.exception("after-scan hook %r failed", hook)
 
 
 def message_record(outcome: Outcome, disposition: Disposition, frontend: str) -> dict[str, Any]:

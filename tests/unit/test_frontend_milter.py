@@ -147,3 +147,91 @@ def test_nagle_is_disabled_on_the_listening_socket():
         assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         listener.close()
+
+
+# Every protocol step and option Postfix 3.x offers a milter (SMFIP_* bits 0x1..0x100000).
+POSTFIX_OFFERS = 0x1FFFFF
+
+
+def test_negotiation_skips_unused_steps_and_replies():
+    m = milter_frontend.FilterMilter()
+    m._ctx = FakeMTA()
+    opts = [milter_frontend.FLAGS, POSTFIX_OFFERS, 0, 0]
+    assert m.negotiate(opts) == Milter.CONTINUE
+    asked = opts[1]
+    # steps filterd does nothing at: not sent at all
+    for skipped in (Milter.P_NODATA, Milter.P_NOUNKNOWN, Milter.P_NOEOH):
+        assert asked & skipped, hex(skipped)
+    # steps it needs: sent, but never waited for (no reply per connect/HELO/MAIL/RCPT/header/
+    # body chunk: the MTA streams them)
+    for needed in (Milter.P_NOCONNECT, Milter.P_NOHELO, Milter.P_NOMAIL, Milter.P_NORCPT,
+                   Milter.P_NOHDRS, Milter.P_NOBODY):
+        assert not asked & needed, hex(needed)
+    for no_reply in (Milter.P_NR_CONN, Milter.P_NR_HELO, Milter.P_NR_MAIL, Milter.P_NR_RCPT,
+                     Milter.P_NR_HDR, Milter.P_NR_BODY):
+        assert asked & no_reply, hex(no_reply)
+    # header values arrive without the leading space (as before), rejected RCPTs are not shown
+    assert not asked & (Milter.P_HDR_LEADSPC | Milter.P_RCPT_REJ)
+    assert m._protocol == asked
+
+
+def test_callbacks_answer_noreply_once_negotiated():
+    m = milter_frontend.FilterMilter()
+    m._ctx = FakeMTA()
+    opts = [milter_frontend.FLAGS, POSTFIX_OFFERS, 0, 0]
+    m.negotiate(opts)
+    assert m.connect("c.example", 4, ("192.0.2.9", 1)) == Milter.NOREPLY
+    assert m.envfrom("<a@example.org>") == Milter.NOREPLY
+    assert m.envrcpt("<b@example.net>") == Milter.NOREPLY
+    assert m.header_bytes(b"Subject", b"folded\n\tline") == Milter.NOREPLY
+    assert m.body(b"x\r\n") == Milter.NOREPLY
+    assert m.headers == [b"Subject: folded\r\n\tline\r\n"]
+
+
+def test_envelope_macros_are_read_once_each(tmp_path):
+    class CountingMTA(FakeMTA):
+        def __init__(self):
+            super().__init__({"i": "QID9", "{daemon_port}": "10026", "j": "mx.test"})
+            self.asked: list[str] = []
+
+        def getsymval(self, name):
+            self.asked.append(name)
+            return super().getsymval(name)
+
+    m = milter_frontend.FilterMilter()
+    m._ctx = mta = CountingMTA()
+    m._protocol = 0
+    m.envfrom("<a@example.org>")
+    mta.asked.clear()
+    envelope = m._envelope()
+    assert sorted(mta.asked) == sorted(milter_frontend.ENVELOPE_MACROS)
+    assert envelope.queue_id == "QID9"
+    assert dict(envelope.macros) == {"i": "QID9", "{daemon_port}": "10026", "j": "mx.test"}
+
+
+def test_handoff_returns_result_and_raises_errors(loop_thread):
+    async def answer():
+        await asyncio.sleep(0)
+        return 42
+
+    async def broken():
+        raise ValueError("boom")
+
+    assert milter_frontend._Handoff(loop_thread, answer()).result(5) == 42
+    with pytest.raises(ValueError):
+        milter_frontend._Handoff(loop_thread, broken()).result(5)
+
+
+def test_handoff_timeout_cancels_the_scan_on_the_loop(loop_thread):
+    cancelled = threading.Event()
+
+    async def stuck():
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    with pytest.raises(TimeoutError):
+        milter_frontend._Handoff(loop_thread, stuck()).result(0.2)
+    assert cancelled.wait(5)
