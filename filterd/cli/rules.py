@@ -219,4 +219,14 @@ def run_import_sa(args: argparse.Namespace) -> int:
     if args.report:
         for item in result.skipped:
             print(f"  {item.location}: {item.name} ({item.kind}): {item.reason}")
+        if result.undefined_refs:
+            print(f"metas translated with names no file defines, read as 0 as SpamAssassin "
+                  f"does: {len(result.undefined_refs)}")
+            for name, refs in sorted(result.undefined_refs.items()):
+                where = result.locations.get(name, "?")
+                print(f"  {where}: {name} (meta): reads as 0: {', '.join(refs)}")
+        if result.checks:
+            print(f"DNS list tests as [check.*] bindings (network checks; they fire only with "
+                  f"network checks on): {len(result.check_symbols)} rules in "
+                  f"{len(result.checks)} bindings")
     return 1 if result.read_errors else 0

@@ -71,6 +71,11 @@ class ImportResult:
     kinds: dict[str, str] = field(default_factory=dict)       # rule -> its kind in the .cf
     # meta -> the names it uses that no file defines (read as 0, as SpamAssassin does)
     undefined_refs: dict[str, list[str]] = field(default_factory=dict)
+    # DNS list tests (check_rbl*, check_uridnsbl) as [check.NAME] bindings of dnsbl.ip /
+    # dnsbl.domain; check_symbols maps each SpamAssassin rule name to its binding
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    check_symbols: dict[str, str] = field(default_factory=dict)
+    net_scores: dict[str, float] = field(default_factory=dict)  # score set 1 (network, no Bayes)
 
 
 class Untranslatable(ValueError):
@@ -369,12 +374,155 @@ def _meta_expression(text: str) -> str:
     return text.strip()
 
 
+_DNS_TESTS = ("check_rbl", "check_rbl_sub", "check_rbl_txt", "check_rbl_envfrom",
+              "check_rbl_from_host", "check_rbl_from_domain", "check_rbl_ns_from",
+              "check_rbl_headers", "check_rbl_rcvd", "check_rbl_accreditor", "check_uridnsbl")
+_QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+_IPV4 = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
+# Answers a regex subtest is tried against: lists answer inside 127.0.0.0/16 and use
+# 127.255.255.0/24 for "your resolver is blocked"; SpamAssassin applies the regex to any answer.
+_REGEX_SUBTEST_SPACE = tuple([f"127.0.{c}.{d}" for c in range(256) for d in range(256)]
+                             + [f"127.255.255.{d}" for d in range(256)])
+_MAX_REGEX_CODES = 4096
+
+
+class _DnsTranslator:
+    """SpamAssassin's DNS list tests as [check.NAME] bindings of dnsbl.ip / dnsbl.domain.
+
+    check_rbl(set, zone[, subtest]) and check_rbl_sub(set, subtest) look up the relays' IPs
+    (a set named *-lastexternal: the last external relay only, as filterd's relays = "last";
+    any other set: every untrusted relay, relays = "untrusted" -- for *-firsttrusted sets
+    SpamAssassin also looks up the first trusted relay, which filterd does not); urirhssub /
+    urirhsbl lists behind check_uridnsbl look up the registered domains of the message's URLs
+    (uridnsbl_skip_domain entries skipped). Subtests: a number is a bit mask, an IPv4 address an
+    exact answer, anything else a regex, expanded to the answers it matches in 127.0.0.0/16 and
+    127.255.255.0/24. No subtest: any answer in 127.0.0.0/8 fires. Rules of one list share a
+    binding (one query per IP or domain) as long as no answer code maps to two of them.
+    Not translated: check_rbl_txt (TXT records; dnsbl.* reads A records), uridnsbl (looks up
+    the IPs of a domain's name servers), the other check_rbl_* variants (envelope sender,
+    From host, accreditor headers).
+    """
+
+    def __init__(self, result: ImportResult, pending: dict[str, tuple[str, str, str]],
+                 uri_lists: dict[str, tuple[str, str, str, str]], uri_skip: list[str]):
+        self.result = result
+        self.uri_lists = uri_lists
+        self.uri_skip = sorted(set(uri_skip))
+        self.sets: dict[str, str] = {}            # rbl set name -> zone (from check_rbl)
+        for _name, (_kind, body, _loc) in pending.items():
+            m = _EVAL_ARGS.match(body.strip()) if body.startswith("eval:") \
+                else None
+            if m and m.group(1) == "check_rbl":
+                args = self._args(m.group(2))
+                if len(args) >= 2:
+                    self.sets.setdefault(args[0], args[1].rstrip("."))
+        self.groups: dict[tuple[Any, ...], list[str]] = {}
+
+    @staticmethod
+    def _args(text: str) -> list[str]:
+        return [a or b for a, b in _QUOTED.findall(text)]
+
+    def handles(self, body: str) -> bool:
+        m = _EVAL_ARGS.match(body.strip())
+        return bool(m) and m.group(1) in _DNS_TESTS
+
+    def translate(self, name: str, body: str) -> None:
+        m = _EVAL_ARGS.match(body.strip())
+        assert m is not None
+        test, args = m.group(1), self._args(m.group(2))
+        if test == "check_rbl" and len(args) in (2, 3):
+            set_name, zone = args[0], args[1].rstrip(".")
+            subtest = args[2] if len(args) == 3 else ""
+            self._add_ip(name, set_name, zone, subtest)
+        elif test == "check_rbl_sub" and len(args) == 2:
+            if args[0] not in self.sets:
+                raise Untranslatable(f"check_rbl_sub: no check_rbl defines the set {args[0]!r}")
+            self._add_ip(name, args[0], self.sets[args[0]], args[1])
+        elif test == "check_uridnsbl" and len(args) == 1:
+            listed = self.uri_lists.get(args[0])
+            if listed is None:
+                raise Untranslatable(f"check_uridnsbl: no urirhssub/urirhsbl line for {args[0]}")
+            directive, zone, rrtype, subtest = listed
+            if directive == "uridnsbl":
+                raise Untranslatable("uridnsbl looks up the IPs of a domain's name servers "
+                                     "(dnsbl.domain looks up the domain itself)")
+            if rrtype != "A":
+                raise Untranslatable(f"{directive} with {rrtype} records (dnsbl.domain reads A)")
+            match, codes, fallback = self._subtest(name, subtest)
+            args_common = {"zone": zone, "urls": True, "senders": False, "max_domains": 20}
+            if self.uri_skip:
+                args_common["skip"] = self.uri_skip
+            self._place(name, "dnsbl.domain", args_common, match, codes, fallback,
+                        f"SpamAssassin URI DNS list tests on {zone} (registered domains of URLs)")
+        elif test == "check_rbl_txt":
+            raise Untranslatable("check_rbl_txt reads TXT records; filterd's dnsbl.ip reads A")
+        else:
+            raise Untranslatable(f"DNS test {test} with arguments {args} is not translated "
+                                 f"(only check_rbl, check_rbl_sub and check_uridnsbl are)")
+
+    def _add_ip(self, name: str, set_name: str, zone: str, subtest: str) -> None:
+        relays = "last" if set_name.endswith("-lastexternal") else "untrusted"
+        match, codes, fallback = self._subtest(name, subtest)
+        where = "last external relay" if relays == "last" else "untrusted relays"
+        self._place(name, "dnsbl.ip", {"zone": zone, "relays": relays}, match, codes, fallback,
+                    f"SpamAssassin DNS list tests on {zone} ({where})")
+
+    def _subtest(self, name: str, subtest: str) -> tuple[str, dict[str, str], bool]:
+        """(match mode, answer code -> rule name, whether any answer fires the rule)."""
+        subtest = subtest.strip()
+        if not subtest:
+            return "exact", {}, True
+        if re.fullmatch(r"\d+", subtest):
+            return "bitmask", {subtest: name}, False
+        if _IPV4.match(subtest):
+            return "exact", {subtest: name}, False
+        if "/" in subtest and not subtest.startswith("^"):
+            raise Untranslatable(f"subtest {subtest!r} (address/mask) is not translated")
+        try:
+            compiled = rx.compile(subtest)
+        except Exception as exc:
+            raise Untranslatable(f"subtest regex does not compile: {exc}") from None
+        matched = [code for code in _REGEX_SUBTEST_SPACE if compiled.search(code)]
+        if not matched:
+            raise Untranslatable(f"subtest {subtest!r} matches no answer in 127.0.0.0/16 or "
+                                 f"127.255.255.0/24")
+        if len(matched) > _MAX_REGEX_CODES:
+            raise Untranslatable(f"subtest {subtest!r} matches {len(matched)} answers (too many "
+                                 f"to list)")
+        return "exact", {code: name for code in matched}, False
+
+    def _place(self, name: str, function: str, args: dict[str, Any], match: str,
+               codes: dict[str, str], fallback: bool, description: str) -> None:
+        """Add the rule to a binding of the same list whose codes it does not collide with."""
+        key = (function, tuple(sorted((k, str(v)) for k, v in args.items())), match, fallback)
+        candidates = [] if fallback else self.groups.get(key, [])
+        for binding in candidates:
+            existing = self.result.checks[binding]["args"]["codes"]
+            if not set(existing) & set(codes):
+                existing.update(codes)
+                self.result.check_symbols[name] = binding
+                return
+        slug = re.sub(r"[^a-z0-9]+", "_", str(args["zone"]).lower()).strip("_")
+        binding = f"sa_{slug}_{len(self.result.checks) + 1}"
+        entry_args: dict[str, Any] = dict(args)
+        entry_args["match"] = match
+        if fallback:
+            entry_args["symbol"] = name
+        entry_args["codes"] = dict(codes)
+        self.result.checks[binding] = {"function": function, "description": description,
+                                       "args": entry_args}
+        self.groups.setdefault(key, []).append(binding)
+        self.result.check_symbols[name] = binding
+
+
 def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
     result = ImportResult()
     pending: dict[str, tuple[str, str, str]] = {}       # name -> (kind, rest, location)
     freemail: list[str] = []                             # freemail_domains entries
     replace = ReplaceTags()
     loaded_plugins: set[str] = set()                     # loadplugin lines read (.pre files)
+    uri_lists: dict[str, tuple[str, str, str, str]] = {}  # urirhssub/urirhsbl/uridnsbl lines
+    uri_skip: list[str] = []                             # uridnsbl_skip_domain entries
     for path in paths:
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -417,11 +565,21 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
                 if len(parts) >= 2:
                     try:
                         result.scores[prefix + parts[0]] = float(parts[1])
+                        if len(parts) >= 3:
+                            result.net_scores[prefix + parts[0]] = float(parts[2])
                     except ValueError:
                         pass
             elif word == "describe":
                 name, desc = (re.split(r"\s+", rest, maxsplit=1) + [""])[:2]
                 result.descriptions[prefix + name] = desc.strip()
+            elif word in ("urirhssub", "urirhsbl") and len(rest.split()) >= 3:
+                fields = rest.split()
+                uri_lists[prefix + fields[0]] = (word, fields[1].rstrip("."), fields[2].upper(),
+                                                 fields[3] if len(fields) > 3 else "")
+            elif word == "uridnsbl" and rest:
+                uri_lists[prefix + rest.split()[0]] = (word, "", "", "")
+            elif word == "uridnsbl_skip_domain":
+                uri_skip.extend(d.lower() for d in rest.split())
             elif word == "freemail_domains":
                 freemail.extend(rest.split())
             elif word in ("replace_tag", "replace_pre", "replace_inter", "replace_post"):
@@ -439,6 +597,7 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
             else:
                 result.other_lines += 1
 
+    dns = _DnsTranslator(result, pending, uri_lists, uri_skip)
     metas: dict[str, tuple[str, str]] = {}
     undefined_refs: dict[str, list[str]] = {}          # meta -> names no file defines
     for name, (kind, body, location) in pending.items():
@@ -460,6 +619,9 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
                     expression = re.sub(r"\b(?:" + "|".join(map(re.escape, undefined)) + r")\b",
                                         "0", expression)
                 metas[name] = (expression, location)
+                continue
+            if body.startswith("eval:") and dns.handles(body):
+                dns.translate(name, body)
                 continue
             if body.startswith("eval:"):
                 entry = _translate_eval(kind, body, result, freemail)
@@ -493,7 +655,8 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
         progressed = False
         for name, (expression, location) in list(remaining.items()):
             refs = compile_expression(expression).references
-            missing = [r for r in refs if r not in result.rules and r not in remaining]
+            missing = [r for r in refs if r not in result.rules and r not in remaining
+                       and r not in result.check_symbols]
             if missing:
                 why = ("refers to a rule that was not translated: " if any(
                     s.name in missing for s in result.skipped) else "refers to an unknown rule: ")
@@ -518,8 +681,17 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
         if not name.startswith("__") and name not in result.scores:
             # SpamAssassin's default for a rule without a score line
             result.scores[name] = -1.0 if flags and "nice" in flags else 1.0
+    for name in result.check_symbols:
+        if name.startswith("__"):
+            result.scores.pop(name, None)
+            continue
+        # a DNS test only fires with network checks on: its score is SpamAssassin's score set 1
+        # (network, no Bayes), not set 0 (where SpamAssassin scores network tests 0)
+        score = result.net_scores.get(name, result.scores.get(name))
+        flags = result.tflags.get(name) or []
+        result.scores[name] = score if score is not None else (-1.0 if "nice" in flags else 1.0)
     for name in list(result.scores):
-        if name not in result.rules:
+        if name not in result.rules and name not in result.check_symbols:
             del result.scores[name]
     return result
 
@@ -547,6 +719,31 @@ def to_toml(result: ImportResult) -> str:
             else:
                 lines.append(f"{key} = {_toml_string(str(value))}")
         lines.append("")
+    for name, entry in result.checks.items():
+        lines.append(f"[check.{name}]")
+        lines.append(f"function = {_toml_string(entry['function'])}")
+        lines.append(f"description = {_toml_string(entry['description'])}")
+        lines.append(f"[check.{name}.args]")
+        for key, value in entry["args"].items():
+            if key == "codes":
+                continue
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, int):
+                lines.append(f"{key} = {value}")
+            elif isinstance(value, list):
+                lines.append(f"{key} = [{', '.join(_toml_string(v) for v in value)}]")
+            else:
+                lines.append(f"{key} = {_toml_string(str(value))}")
+        lines.append(f"[check.{name}.args.codes]")
+        for code, symbol in entry["args"]["codes"].items():
+            lines.append(f"{_toml_string(code)} = {_toml_string(symbol)}")
+        lines.append("")
+    for name in result.check_symbols:
+        description = result.descriptions.get(name) or f"SpamAssassin DNS list test {name}"
+        lines.append(f"[symbol.{name}]")
+        lines.append(f"description = {_toml_string(description + ' (network test)')}")
+        lines.append("")
     lines.append("[scores]")
     for name, score in result.scores.items():
         lines.append(f"{name} = {score:g}")
@@ -562,6 +759,10 @@ def summary(result: ImportResult) -> str:
         if kind is None:          # a helper the translation added, not a rule of the files
             continue
         per_kind.setdefault(kind, [0, 0])[1] += 1
+    for name in result.check_symbols:
+        kind = result.kinds.get(name)
+        if kind is not None:
+            per_kind.setdefault(kind, [0, 0])[1] += 1
     total_seen = sum(v[0] for v in per_kind.values())
     total_ok = sum(v[1] for v in per_kind.values())
     parts = [f"{kind} {ok}/{seen}" for kind, (seen, ok) in sorted(per_kind.items())]

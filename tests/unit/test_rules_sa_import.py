@@ -29,7 +29,7 @@ CF = textwrap.dedent(r"""
     header   LOC_FREEMAIL    eval:check_freemail_from()
     body     LOC_CENTER      eval:html_tag_exists('center')
     body     LOC_HTML_ONLY   eval:check_for_mime_html_only()
-    header   LOC_RBL         eval:check_rbl('zen', 'zen.example.')
+    header   LOC_RBL         eval:check_rbl_txt('zen', 'zen.example.')
     meta     LOC_META        LOC_SUBJ_FREE && LOC_BODY_WIN
     meta     LOC_META_LOST   LOC_RBL || LOC_SUBJ_FREE
     ifplugin Mail::SpamAssassin::Plugin::Nothing
@@ -216,3 +216,74 @@ def test_loadplugin_lines_decide_plugin_blocks_and_mime_encoding_evals(tmp_path:
     hits = engine.match(parse(qp)).hits
     assert "LOC_QP" in hits and "LOC_B64" not in hits
     assert "LOC_QP" not in engine.match(parse(b"Subject: x\n\nplain\n")).hits
+
+
+DNS_CF = textwrap.dedent(r"""
+    header __LOC_IN_ZEN   eval:check_rbl('zen', 'zen.example.')
+    header LOC_SBL        eval:check_rbl_sub('zen', '127.0.0.2')
+    header LOC_XBL        eval:check_rbl('zen-lastexternal', 'zen.example.', '^127\.0\.0\.[45]$')
+    header LOC_PBL        eval:check_rbl_sub('zen-lastexternal', '^127\.0\.0\.1[01]$')
+    header LOC_MAPS       eval:check_rbl_sub('zen', '8')
+    header LOC_NO_SET     eval:check_rbl_sub('nowhere', '127.0.0.2')
+    header LOC_TXT        eval:check_rbl_txt('sc', 'bl.example.', '(?i:x)')
+    urirhssub  LOC_URI_BLACK   multi.uri.example.   A   2
+    urirhssub  LOC_URI_DBL     dbl.example.         A   127.0.1.2
+    uridnsbl   LOC_URI_NS      sbl.example.         A
+    uridnsbl_skip_domain  example.com example.net
+    body   LOC_URI_BLACK   eval:check_uridnsbl('LOC_URI_BLACK')
+    body   LOC_URI_DBL     eval:check_uridnsbl('LOC_URI_DBL')
+    body   LOC_URI_NS      eval:check_uridnsbl('LOC_URI_NS')
+    score  LOC_SBL   0 2.5 0 2.0
+    score  LOC_URI_BLACK   0 1.7
+    meta   LOC_NET_META    LOC_SBL || LOC_URI_BLACK
+    meta   LOC_NET_LOST    LOC_TXT && __LOC_IN_ZEN
+""")
+
+
+def test_dns_list_tests_become_dnsbl_bindings(tmp_path: Path):
+    from filterd.checks.dnsbl import interpret
+    cf = tmp_path / "dns.cf"
+    cf.write_text(DNS_CF)
+    result = sa_import.import_files([cf])
+    skipped = {s.name: s.reason for s in result.skipped}
+    assert "TXT" in skipped["LOC_TXT"] and "nowhere" in skipped["LOC_NO_SET"]
+    assert "name servers" in skipped["LOC_URI_NS"] and "LOC_TXT" in skipped["LOC_NET_LOST"]
+    assert "LOC_NET_META" in result.rules            # its names are emitted by checks
+    # the network score set, not set 0 (where SpamAssassin scores network tests 0)
+    assert result.scores["LOC_SBL"] == 2.5 and result.scores["LOC_URI_BLACK"] == 1.7
+    assert "__LOC_IN_ZEN" not in result.scores
+    assert "translated 8 of 12 rules" in sa_import.summary(result)
+
+    def fired(name: str, answer: str) -> set[str]:
+        args = result.checks[result.check_symbols[name]]["args"]
+        return {s.name for s in interpret([answer], zone=args["zone"], queried="x",
+                                          codes=args["codes"], match=args["match"],
+                                          blocked_codes=(), symbol=args.get("symbol"))}
+
+    assert fired("__LOC_IN_ZEN", "127.0.0.11") == {"__LOC_IN_ZEN"}   # any answer
+    assert fired("LOC_SBL", "127.0.0.2") == {"LOC_SBL"} and not fired("LOC_SBL", "127.0.0.20")
+    assert fired("LOC_XBL", "127.0.0.5") == {"LOC_XBL"} and not fired("LOC_XBL", "127.0.0.6")
+    assert fired("LOC_PBL", "127.0.0.10") == {"LOC_PBL"}
+    assert fired("LOC_MAPS", "127.0.0.9") == {"LOC_MAPS"}             # bit 8 of the answer
+    assert fired("LOC_URI_BLACK", "127.0.0.6") == {"LOC_URI_BLACK"}
+    # XBL and PBL codes do not collide: one binding, one query per relay
+    assert result.check_symbols["LOC_XBL"] == result.check_symbols["LOC_PBL"]
+    xbl = result.checks[result.check_symbols["LOC_XBL"]]
+    assert xbl["function"] == "dnsbl.ip" and xbl["args"]["relays"] == "last"
+    assert result.checks[result.check_symbols["LOC_SBL"]]["args"]["relays"] == "untrusted"
+    uri = result.checks[result.check_symbols["LOC_URI_DBL"]]
+    assert uri["function"] == "dnsbl.domain" and uri["args"]["senders"] is False
+    assert uri["args"]["skip"] == ["example.com", "example.net"]
+
+    site = tmp_path / "site"
+    (site / "local.d").mkdir(parents=True)
+    (site / "local.d" / "sa.toml").write_text(sa_import.to_toml(result))
+    ruleset = load(PROJECT_RULES, site)               # validates the bindings' arguments
+    from filterd.ruleset.lint import lint
+    errors = [p for p in lint(ruleset) if p.severity == "error"]
+    assert not errors, errors
+    binding = {b.name: b for b in ruleset.bindings}[result.check_symbols["LOC_SBL"]]
+    assert binding.function == "dnsbl.ip" and binding.args["zone"] == "zen.example"
+    assert ruleset.scores["LOC_SBL"] == 2.5 and "LOC_SBL" in ruleset.symbols
+    metas, _ = ruleset.engine.evaluate_metas({"LOC_URI_BLACK": 1.0})
+    assert "LOC_NET_META" in metas
