@@ -19,7 +19,11 @@ lines read). ReplaceTags: replace_tag/pre/inter/post/start/end and replace_rules
 (SpamAssassin's byte sequences such as [\\xc3][\\xa0] in tag values are kept, and match the
 characters U+00C3 U+00A0 of the decoded text, not UTF-8 bytes: multi-byte look-alikes do not
 match). A meta name no file defines is read as 0, as SpamAssassin does.
-Not translatable, and reported: other eval: tests (plugin code, network tests), the pseudo-headers
+DNS list tests (check_rbl, check_rbl_sub, check_uridnsbl with urirhssub/urirhsbl) become
+[check.NAME] bindings of dnsbl.ip / dnsbl.domain emitting the SpamAssassin rule names, scored
+with score set 1 (network): network checks, they fire only with network checks on (see
+_DnsTranslator for the approximations).
+Not translatable, and reported: other eval: tests (plugin code, check_rbl_txt, uridnsbl), the pseudo-headers
 filterd does not model, Perl regex features with no equivalent, and meta rules that refer to a
 rule that was not translated.
 
@@ -598,6 +602,10 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
                 result.other_lines += 1
 
     dns = _DnsTranslator(result, pending, uri_lists, uri_skip)
+    # rules whose SpamAssassin value is a count (check_for_mime('mime_qp_count') returns the
+    # count) but whose translation only says whether it fired (1): metas that compare them
+    # numerically would read the wrong number
+    counts_only_as_flag: set[str] = set()
     metas: dict[str, tuple[str, str]] = {}
     undefined_refs: dict[str, list[str]] = {}          # meta -> names no file defines
     for name, (kind, body, location) in pending.items():
@@ -626,6 +634,8 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
             if body.startswith("eval:"):
                 entry = _translate_eval(kind, body, result, freemail)
                 result.rules[name] = entry
+                if re.search(r"check_for_mime\(\s*'mime_\w+_count'", body):
+                    counts_only_as_flag.add(name)
                 continue
             tags = replace if name in replace.rules else None
             if kind in ("header", "mimeheader"):
@@ -651,6 +661,15 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
     # metas: translate those whose every reference resolves to a translated rule or meta
     from filterd.ruleset.expr import compile_expression
     remaining = dict(metas)
+    for name, (expression, location) in list(remaining.items()):
+        compared = [r for r in counts_only_as_flag if re.search(
+            rf"\b{r}\b\s*[<>=]|[<>=]\s*\b{r}\b", expression)]
+        if compared:
+            result.skipped.append(Skipped(name, "meta", location,
+                                          "compares the count SpamAssassin's eval returns, "
+                                          "filterd's translation only says whether it fired: "
+                                          + ", ".join(sorted(compared))))
+            del remaining[name]
     while True:
         progressed = False
         for name, (expression, location) in list(remaining.items()):

@@ -287,3 +287,19 @@ def test_dns_list_tests_become_dnsbl_bindings(tmp_path: Path):
     assert ruleset.scores["LOC_SBL"] == 2.5 and "LOC_SBL" in ruleset.symbols
     metas, _ = ruleset.engine.evaluate_metas({"LOC_URI_BLACK": 1.0})
     assert "LOC_NET_META" in metas
+
+
+def test_metas_comparing_an_eval_count_are_reported_not_read_as_a_flag(tmp_path: Path):
+    cf = tmp_path / "count.cf"
+    cf.write_text(textwrap.dedent("""
+        rawbody __LOC_QPC        eval:check_for_mime('mime_qp_count')
+        meta    __LOC_QP_SHORT   (__LOC_QPC > 0) && (__LOC_QPC < 64)
+        meta    LOC_QP_ANY       __LOC_QPC && !__LOC_QP_SHORT
+        meta    LOC_QP_PLAIN     __LOC_QPC
+    """))
+    result = sa_import.import_files([cf])
+    skipped = {s.name: s.reason for s in result.skipped}
+    # SpamAssassin's value is the count; filterd's rule only says it fired (1)
+    assert "compares the count" in skipped["__LOC_QP_SHORT"]
+    assert "__LOC_QP_SHORT" in skipped["LOC_QP_ANY"]
+    assert "LOC_QP_PLAIN" in result.rules and "__LOC_QPC" in result.rules
