@@ -15,6 +15,7 @@ filterd starts first, then Postfix (Postfix would tempfail or defer without it a
 from __future__ import annotations
 
 import email.message
+import time
 from typing import Any, Mapping, Sequence
 
 from harness.filterd import FilterdDaemon
@@ -92,6 +93,24 @@ class MailRig:
 
     def queue_ids(self) -> list[str]:
         return self.postfix.queue_ids()
+
+    def settled_queue_ids(self, tries: int = 20) -> set[str]:
+        """Every queue ID Postfix holds, while its queue manager may still be moving files.
+
+        One `postqueue` listing can miss a message that qmgr moves from active/ to deferred/
+        during the directory scan (seen: the file was in deferred/, the next listing had it),
+        so take the union of listings until two in a row agree.
+        """
+        seen: set[str] = set()
+        last: set[str] | None = None
+        for _ in range(tries):
+            now = set(self.queue_ids())
+            seen |= now
+            if now == last:
+                break
+            last = now
+            time.sleep(0.3)
+        return seen
 
     def flush(self) -> None:
         self.postfix.flush()

@@ -130,7 +130,7 @@ def test_after_queue_clamd_down_defers_then_delivers_exactly_once(mta_after_queu
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and "4.7.1" not in mta_after_queue.maillog():
         time.sleep(0.2)
-    assert len(mta_after_queue.queue_ids()) == 3, mta_after_queue.logs()
+    assert len(mta_after_queue.settled_queue_ids()) == 3, mta_after_queue.logs()
     assert mta_after_queue.mailbox("user") == []
     clamd.start()
     mta_after_queue.flush()

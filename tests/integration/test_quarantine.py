@@ -210,7 +210,7 @@ def test_sigkill_while_quarantining_loses_nothing_after_queue(rig_factory):
 
     # right after the crash: every message is stored exactly once or still queued in Postfix
     stored = Counter(m["queue_id"] for m in sidecars(rig.filterd))
-    queued = set(rig.queue_ids())
+    queued = rig.settled_queue_ids()
     assert all(n == 1 for n in stored.values()), stored
     lost = set(queue_ids) - set(stored) - queued
     assert not lost, f"lost after SIGKILL: {lost}\n{rig.logs()}"
