@@ -20,8 +20,8 @@ import struct
 import subprocess
 from pathlib import Path
 
-from harness.common import (PACKAGING, ServiceError, die_with_parent, private_dir, read_tail,
-                            remove_dir, render, require_binary, stop_process, track, wait_for)
+from harness.common import (PACKAGING, PrivateService, ServiceError, die_with_parent, private_dir,
+                            read_tail, render, require_binary, stop_process, track, wait_for)
 from harness.ports import free_port
 
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
@@ -30,7 +30,7 @@ MAKE_TEST_DB = PACKAGING / "clamav" / "make-test-db"
 CONF_TEMPLATE = PACKAGING / "clamav" / "clamd.conf.in"
 
 
-class Clamd:
+class Clamd(PrivateService):
     def __init__(self, *, port: int | None = None, start_timeout: float = 60.0):
         self.port = port or free_port()
         self.start_timeout = start_timeout
@@ -107,23 +107,6 @@ class Clamd:
         """SIGKILL: the socket file stays behind, as after a crash (FixStaleSocket)."""
         stop_process(self.proc, 5, sig=signal.SIGKILL)
         self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            remove_dir(self.dir)
-            self.dir = None
-
-    def __enter__(self) -> "Clamd":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- protocol --------------------------------------------------------------------
     def _ready(self) -> bool:

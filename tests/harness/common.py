@@ -12,7 +12,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGING = REPO / "packaging"
@@ -103,6 +103,36 @@ def remove_dir(d: Path | None) -> None:
     if d is None or os.environ.get(KEEP_ENV) == "1":
         return
     shutil.rmtree(d, ignore_errors=True)
+
+
+class PrivateService:
+    """The lifecycle every harness service shares: its own start()/stop(), a private directory
+    (`self.dir`) removed on close(), and use as a context manager."""
+
+    dir: Path | None
+
+    def start(self) -> "PrivateService":
+        raise NotImplementedError
+
+    def stop(self) -> Any:
+        raise NotImplementedError
+
+    def restart(self) -> Any:
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            remove_dir(self.dir)
+            self.dir = None
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 _PLACEHOLDER = re.compile(r"@([A-Z][A-Z0-9_]*)@")

@@ -34,8 +34,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from harness.common import (REPO, ServiceError, die_with_parent, private_dir, read_tail,
-                            remove_dir, stop_process, track)
+from harness.common import (PrivateService, REPO, ServiceError, die_with_parent, private_dir,
+                            read_tail, stop_process, track)
 from harness.ports import free_port, wait_port, wait_port_closed
 
 # How the harness's services are wired into filterd: (service, setting key, value builder).
@@ -138,7 +138,7 @@ def to_toml(settings: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class FilterdDaemon:
+class FilterdDaemon(PrivateService):
     def __init__(self, overrides: Mapping[str, Any] | None = None, *,
                  milter_port: int | None = None, smtp_port: int | None = None,
                  reinject_port: int | None = None, release_port: int | None = None,
@@ -278,19 +278,6 @@ class FilterdDaemon:
         if overrides:
             self.overrides.update(overrides)
         return self.start()
-
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            remove_dir(self.dir)
-            self.dir = None
-
-    def __enter__(self) -> "FilterdDaemon":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- using it --------------------------------------------------------------------
     def cli(self, *args: str, timeout: float = 60.0, check: bool = True,

@@ -39,9 +39,9 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
-from harness.common import (PACKAGING, ServiceError, die_with_parent, private_dir, read_tail,
-                            remove_dir, render, require_binary, require_root, stop_process,
-                            track, wait_for)
+from harness.common import (PACKAGING, PrivateService, ServiceError, die_with_parent, private_dir,
+                            read_tail, render, require_binary, require_root, stop_process, track,
+                            wait_for)
 from harness.ports import free_port, wait_port
 
 SNIPPETS = PACKAGING / "postfix"
@@ -175,7 +175,7 @@ _MASTER_WRAPPER = (
     'wait $m')
 
 
-class PostfixInstance:
+class PostfixInstance(PrivateService):
     def __init__(self, mode: str = "milter", *, smtp_port: int | None = None,
                  milter_port: int | None = None, filter_port: int | None = None,
                  reinject_port: int | None = None, release_port: int | None = None,
@@ -345,25 +345,8 @@ class PostfixInstance:
                 _kill(p)
         self._running = False
 
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            remove_dir(self.dir)
-            self.dir = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
     def reload(self) -> None:
         self._run([self._postfix, "-c", str(self.etc), "reload"])
-
-    def __enter__(self) -> "PostfixInstance":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _daemon_directory(self) -> str:
         res = self._run([self._postconf, "-c", str(self.etc), "-h", "daemon_directory"])

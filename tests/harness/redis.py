@@ -18,12 +18,12 @@ import socket
 import subprocess
 from pathlib import Path
 
-from harness.common import (ServiceError, die_with_parent, private_dir, read_tail, remove_dir,
+from harness.common import (PrivateService, ServiceError, die_with_parent, private_dir, read_tail,
                             require_binary, stop_process, track, wait_for)
 from harness.ports import free_port
 
 
-class RedisServer:
+class RedisServer(PrivateService):
     def __init__(self, port: int | None = None):
         self.port = port or free_port()
         self.dir: Path | None = None
@@ -73,23 +73,6 @@ class RedisServer:
     def stop(self, timeout: float = 10.0) -> None:
         stop_process(self.proc, timeout)
         self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        try:
-            self.stop()
-        finally:
-            remove_dir(self.dir)
-            self.dir = None
-
-    def __enter__(self) -> "RedisServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def command(self, *args: str, timeout: float = 5.0) -> bytes:
         """Send one command (RESP array) and return the raw first reply line."""
