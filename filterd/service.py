@@ -293,10 +293,11 @@ class Scanner:
         senders = (envelope.mail_from, view.from_address)
         if self.recipients.empty and not self.recipients.local_domains:
             # the common case: every recipient has the message's policy, one verdict
-            verdict = decide_for(symbols, ruleset.scores, message_eff, failure=failure,
+            verdict = decide_for(symbols, ruleset.scores_for(symbols), message_eff, failure=failure,
                                  senders=senders)
             return [RecipientGroup(rcpts, verdict, message_eff, spam_headers_for(message_eff))]
         decisions = []
+        scores = ruleset.scores_for(symbols)
         for rcpt in rcpts:
             try:
                 eff = self.recipient_policy(rcpt, envelope, ruleset, message_eff, selected)
@@ -304,7 +305,7 @@ class Scanner:
             except LookupUnavailable as exc:
                 log.error("recipient policy lookup failed for %s: %s", rcpt, exc)
                 eff, rcpt_failure = message_eff, failure or "policy_lookup"
-            decisions.append((rcpt, eff, decide_for(symbols, ruleset.scores, eff,
+            decisions.append((rcpt, eff, decide_for(symbols, scores, eff,
                                                     failure=rcpt_failure, senders=senders)))
         return group(decisions)
 

@@ -5,7 +5,8 @@
   list              every pattern/meta rule: name, kind, score, target, source location
   show NAME         one rule, symbol or check: each value and the file:line it came from
   fit CORPUS...     fit rule scores by logistic regression over rule hits on a corpus half
-                    and write scores-fitted.toml and a report (see filterd.ruleset.fit)
+                    and write scores-fitted.toml and a report (see filterd.ruleset.fit);
+                    --with-bayes fits the set used when Bayes voted (scores-fitted-bayes.toml)
   import-sa FILE... translate SpamAssassin .cf rules into a filterd rule file; every rule
                     that cannot be translated is reported with its reason (--report)
 
@@ -62,6 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default 0.3)")
     q.add_argument("--folds", type=int, default=5, help="folds for the out-of-fold scores")
     q.add_argument("--limit", type=int, default=0, help="use at most N messages per half (0: all)")
+    q.add_argument("--with-bayes", action="store_true",
+                   help="fit the score set used when the Bayes learner voted ([bayes_scores], "
+                        "default output scores-fitted-bayes.toml and FIT-REPORT-BAYES.md): the "
+                        "BAYES_* bands join the rules as features, each fit-half message "
+                        "classified by a learner trained on the other folds")
     q.set_defaults(func=run_fit)
 
     q = rsub.add_parser("import-sa", help="translate SpamAssassin .cf rules to a filterd rule file")
@@ -172,7 +178,11 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"score {name} = {ruleset.scores[name]:g}    # {loc(f'scores.{name}')}")
     elif found and not name.startswith("__"):
         print(f"score {name}: none (scores 0)")
-    for table in ("rule", "symbol", "check", "scores", "forced"):
+    if name in ruleset.bayes_scores:
+        found = True
+        print(f"score {name} = {ruleset.bayes_scores[name]:g} when Bayes voted    "
+              f"# {loc(ruleset.bayes_score_origin.get(name, f'bayes_scores.{name}'))}")
+    for table in ("rule", "symbol", "check", "scores", "bayes_scores", "forced"):
         defs = ruleset.definitions.get(f"{table}.{name}", [])
         if len(defs) > 1:
             print(f"{table}.{name} layered: " + " then ".join(f"{layer} {where}"
@@ -197,11 +207,13 @@ def run_fit(args: argparse.Namespace) -> int:
         return fit.main(shipped=shipped, site=site, corpora=[Path(c) for c in args.corpora],
                         split=Path(args.split) if args.split else None, half=args.half,
                         test_half=args.test_half,
-                        output=Path(args.output) if args.output else shipped / "scores-fitted.toml",
-                        report=Path(args.report) if args.report else shipped / "FIT-REPORT.md",
+                        output=Path(args.output) if args.output else shipped / (
+                            "scores-fitted-bayes.toml" if args.with_bayes else "scores-fitted.toml"),
+                        report=Path(args.report) if args.report else shipped / (
+                            "FIT-REPORT-BAYES.md" if args.with_bayes else "FIT-REPORT.md"),
                         cap=args.cap, l2=args.l2, ham_weights=args.ham_weight,
                         fp_target=args.fp_target / 100.0, folds=args.folds, limit=args.limit,
-                        settings=settings)
+                        settings=settings, with_bayes=args.with_bayes)
     except (RulesetError, fit.FitError) as exc:
         print(f"filterd: rules fit: {exc}", file=sys.stderr)
         return 1

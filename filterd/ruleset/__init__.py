@@ -11,6 +11,10 @@ Top-level tables a rule file may hold (anything else is an error naming the file
   [rule.NAME]     a pattern rule (header/body/uri/meta...: filterd.ruleset.engine,
                   the language is documented in rules/README.md)
   [scores]        SYMBOL = weight; the only place numbers for symbols live
+  [bayes_scores]  SYMBOL = weight for a message the Bayes learner voted on (the fitted set of
+                  `filterd rules fit --with-bayes`), over [scores]; a score a later layer
+                  sets in [scores] (a site's local.d/override.d) still wins
+  [score_sets]    bayes_scores = [symbols]: the symbols that select [bayes_scores]
   [levels]        tag_level, tag2_level, kill_level, reject_level
   [actions]       kill_action, subject_tag
   [forced]        SYMBOL = action, whatever the score
@@ -28,11 +32,13 @@ from typing import Any, Mapping
 
 from filterd.policy import Action, Levels, Policy
 
-TABLES = ("check", "symbol", "rule", "scores", "levels", "actions", "forced", "failures", "meta")
+TABLES = ("check", "symbol", "rule", "scores", "bayes_scores", "score_sets", "levels", "actions",
+          "forced", "failures", "meta")
 # Tables whose entries are whole definitions (override.d replaces them whole).
 ENTRY_TABLES = ("check", "symbol", "rule")
 # Tables of plain key = value pairs.
-VALUE_TABLES = ("scores", "levels", "actions", "forced", "failures")
+VALUE_TABLES = ("scores", "bayes_scores", "score_sets", "levels", "actions", "forced", "failures")
+LAYER_RANK = {"shipped": 0, "local": 1, "override": 2}
 
 
 class RulesetError(Exception):
@@ -74,6 +80,17 @@ class Ruleset:
     locations: dict[str, str] = field(default_factory=dict)
     # "table.key" -> every (layer, "file:line") that set it, in load order (lint, rules show)
     definitions: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    # the score set for a message the Bayes learner voted on: [scores] with [bayes_scores] over
+    # it, except where a later layer set [scores]; empty when no file defines [bayes_scores]
+    bayes_scores: dict[str, float] = field(default_factory=dict)
+    bayes_score_origin: dict[str, str] = field(default_factory=dict)   # name -> "table.key"
+    bayes_set_when: frozenset[str] = frozenset()
+
+    def scores_for(self, symbols: Any) -> Mapping[str, float]:
+        """The score set for a scan's symbols: [bayes_scores] once the learner voted."""
+        if self.bayes_set_when and any(s.name in self.bayes_set_when for s in symbols):
+            return self.bayes_scores
+        return self.scores
 
     def describe(self, name: str) -> str:
         if name in self.symbols:
@@ -237,8 +254,10 @@ def _action(source: str, key: str, value: Any) -> Action:
 
 
 def build(merged: dict[str, dict[str, Any]], sources: dict[str, str], files: list[str],
-          locations: Mapping[str, str] | None = None) -> Ruleset:
+          locations: Mapping[str, str] | None = None,
+          definitions: Mapping[str, list[tuple[str, str]]] | None = None) -> Ruleset:
     locations = locations or {}
+    definitions = definitions or {}
 
     def src(where: str) -> str:
         return locations.get(where) or sources.get(where, "(rules)")
@@ -274,6 +293,7 @@ def build(merged: dict[str, dict[str, Any]], sources: dict[str, str], files: lis
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RulesetError(src(f"scores.{name}"), f"scores.{name}", "expected a number")
         scores[name] = float(value)
+    bayes_scores, bayes_origin, bayes_when = _bayes_score_set(merged, scores, src, definitions)
 
     level_values = {}
     for key, value in merged["levels"].items():
@@ -302,7 +322,52 @@ def build(merged: dict[str, dict[str, Any]], sources: dict[str, str], files: lis
                     spam_checks_for_originating=bool(actions.get("spam_checks_for_originating",
                                                                  False)))
     return Ruleset(bindings=bindings, symbols=symbols, rules=dict(merged["rule"]), scores=scores,
-                   policy=policy, sources=sources, files=files, locations=dict(locations))
+                   policy=policy, sources=sources, files=files, locations=dict(locations),
+                   definitions=dict(definitions), bayes_scores=bayes_scores,
+                   bayes_score_origin=bayes_origin, bayes_set_when=bayes_when)
+
+
+def _bayes_score_set(merged: dict[str, dict[str, Any]], scores: dict[str, float], src: Any,
+                     definitions: Mapping[str, list[tuple[str, str]]]
+                     ) -> tuple[dict[str, float], dict[str, str], frozenset[str]]:
+    """[scores] with [bayes_scores] over it, and the symbols that select it.
+
+    A site that sets `[scores] X` in local.d/ or override.d/ means X everywhere, so a [scores]
+    value from a later layer than X's [bayes_scores] value wins (SpamAssassin's one-number
+    `score` line sets all its score sets alike).
+    """
+    sets = merged["score_sets"]
+    unknown = set(sets) - {"bayes_scores"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise RulesetError(src(f"score_sets.{key}"), f"score_sets.{key}",
+                           "unknown score set (known: bayes_scores)")
+    when = sets.get("bayes_scores", [])
+    if not isinstance(when, list) or not all(isinstance(x, str) for x in when):
+        raise RulesetError(src("score_sets.bayes_scores"), "score_sets.bayes_scores",
+                           "expected a list of symbol names")
+    if not merged["bayes_scores"]:
+        return {}, {}, frozenset()
+    if not when:
+        where = f"bayes_scores.{next(iter(merged['bayes_scores']))}"
+        raise RulesetError(src(where), where, "[bayes_scores] without [score_sets] "
+                           "bayes_scores = [...] naming the symbols that select it")
+
+    def layer(where: str) -> int:
+        defs = definitions.get(where)
+        return LAYER_RANK.get(defs[-1][0], 0) if defs else 0
+
+    effective = dict(scores)
+    origin = {name: f"scores.{name}" for name in scores}
+    for name, value in merged["bayes_scores"].items():
+        where = f"bayes_scores.{name}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RulesetError(src(where), where, "expected a number")
+        if name in scores and layer(f"scores.{name}") > layer(where):
+            continue
+        effective[name] = float(value)
+        origin[name] = where
+    return effective, origin, frozenset(when)
 
 
 def load(shipped: Path, site: Path | None = None) -> Ruleset:
@@ -312,8 +377,7 @@ def load(shipped: Path, site: Path | None = None) -> Ruleset:
     that raises keeps the old set running (filterd.service.Scanner.reload).
     """
     raw = load_layers(shipped, site)
-    ruleset = build(raw.merged, raw.sources, raw.files, raw.locations)
-    ruleset.definitions = raw.definitions
+    ruleset = build(raw.merged, raw.sources, raw.files, raw.locations, raw.definitions)
     from filterd.pipeline import validate_bindings  # the registry knows the check functions
     validate_bindings(ruleset)
     from filterd.ruleset.engine import compile_ruleset

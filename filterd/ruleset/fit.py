@@ -15,6 +15,13 @@ tag2_level stays within --fp-target, and among --ham-weight candidates the one w
 out-of-fold FN (see `fit_weights`). Scores are capped at --cap points. A rule that never hits in
 training keeps a small prior. Only rules and checks that need no network and no learning are
 run: these are the numbers of the rules alone.
+
+With --with-bayes it fits the second score set, `[bayes_scores]`, used for a message the Bayes
+learner voted on (SpamAssassin keeps separate score sets for the same reason: once a learner
+votes, the rules that overlap with what it knows must weigh less, or ham that both find a bit
+spammy adds up past tag2_level). The BAYES_* bands become features next to the rules; the band of
+every training message comes from a learner trained on the other folds (the same folds as the
+fit's own out-of-fold scores), so the fit sees Bayes as it votes on mail it has not learned.
 """
 
 from __future__ import annotations
@@ -100,6 +107,80 @@ def collect(samples: Sequence[Sample], root: Path, ruleset: Any, settings: Any,
         if progress and i and i % 2000 == 0:
             print(f"  {i}/{len(samples)} messages, {time.time() - started:.0f}s", flush=True)
     return out
+
+
+# The bands that join the rules as features of the Bayes score set; BAYES_50 says nothing and
+# keeps its fixed score. Bands below it are ham evidence: like `nice` rules, they may only be <= 0.
+BAYES_HAM_BANDS = ("BAYES_00", "BAYES_05", "BAYES_20", "BAYES_40")
+BAYES_SPAM_BANDS = ("BAYES_60", "BAYES_80", "BAYES_95", "BAYES_99", "BAYES_999")
+
+
+def fold_of(key: str, folds: int) -> int:
+    return zlib.crc32(key.encode()) % folds
+
+
+def bayes_bands(train: Sequence[Sample], test: Sequence[Sample], root: Path, settings: Any,
+                folds: int, progress: bool = True) -> tuple[list[str], list[str]]:
+    """The Bayes band of every message: out of fold on the training half, and on the test half
+    from a learner trained on the whole training half.
+
+    Each learner lives in a temporary SQLite store with the site's tokenizer and classifier
+    settings. A message the learner cannot classify (fewer than bayes.min_spam/min_ham
+    learned) gets BAYES_UNTRAINED, as in the daemon.
+    """
+    import tempfile
+    from filterd.bayes import HAM, SPAM, Bayes, Learner
+    from filterd.bayes.classifier import band
+    from filterd.message import parse
+    from filterd.stores import open_token_store
+
+    def view_of(sample: Sample) -> tuple[bytes, Any]:
+        raw = (root / sample.path).read_bytes()
+        return raw, parse(raw, content_limit=settings.scan.content_size_limit,
+                          trusted_networks=settings.scan.trusted_networks)
+
+    def learned_and_classified(learn_on: Sequence[Sample], classify: Sequence[Sample],
+                               tmp: Path, name: str) -> list[str]:
+        local = settings.with_overrides({"bayes.backend": "sqlite",
+                                         "bayes.path": str(tmp / f"{name}.sqlite")},
+                                        source="rules fit --with-bayes")
+        store = open_token_store(local)
+        try:
+            bayes = Bayes.from_settings(local, store)
+            learner = Learner(bayes, batch_size=500)
+            for sample in learn_on:
+                raw, view = view_of(sample)
+                learner.add(sample.path, raw, SPAM if sample.label else HAM, view)
+            learner.flush()
+            ready, nspam, nham = bayes.trained()
+            out = []
+            for sample in classify:
+                if not ready:
+                    out.append("BAYES_UNTRAINED")
+                    continue
+                _raw, view = view_of(sample)
+                result = bayes.classify_tokens(bayes.tokens(view), counts=(nspam, nham))
+                out.append(band(result.probability))
+            return out
+        finally:
+            store.close()
+
+    started = time.time()
+    train_bands: list[str] = [""] * len(train)
+    with tempfile.TemporaryDirectory(prefix="filterd-fit-bayes-") as tmpdir:
+        tmp = Path(tmpdir)
+        keys = [fold_of(s.path, folds) for s in train]
+        for fold in range(folds):
+            held = [i for i, k in enumerate(keys) if k == fold]
+            bands = learned_and_classified([s for s, k in zip(train, keys) if k != fold],
+                                           [train[i] for i in held], tmp, f"fold{fold}")
+            for i, name in zip(held, bands):
+                train_bands[i] = name
+            if progress:
+                print(f"  bayes fold {fold + 1}/{folds}: {len(held)} messages classified, "
+                      f"{time.time() - started:.0f}s", flush=True)
+        test_bands = learned_and_classified(train, test, tmp, "all") if test else []
+    return train_bands, test_bands
 
 
 def hit_matrix(hits: Sequence[Iterable[str]], features: Sequence[str],
@@ -210,7 +291,7 @@ def fit_weights(hits: Sequence[Iterable[str]], labels: Sequence[int], features: 
     y = np.asarray(labels, dtype=float)
     is_nice = np.array([f in nice for f in features])
     keys = list(fold_keys) if fold_keys is not None else [str(i) for i in range(len(y))]
-    fold_of = np.array([zlib.crc32(k.encode()) % folds for k in keys])
+    fold_index = np.array([fold_of(k, folds) for k in keys])
     seen = X.sum(axis=0) > 0
 
     def bounds(limit: float) -> tuple[Any, Any]:
@@ -223,7 +304,7 @@ def fit_weights(hits: Sequence[Iterable[str]], labels: Sequence[int], features: 
             lo, hi = bounds(limit)
             oof = np.zeros(len(y))
             for fold in range(folds):
-                train = fold_of != fold
+                train = fold_index != fold
                 w, _b = _logistic(X[train], y[train], _class_weights(y[train], ham_weight),
                                   lo, hi, l2=l2, iterations=iterations)
                 oof[~train] = X[~train] @ w
@@ -319,7 +400,7 @@ def metrics_table(results: dict[str, dict[str, float]]) -> list[str]:
 def main(*, shipped: Path, site: Path | None, corpora: list[Path], split: Path | None,
          half: str, test_half: str, output: Path, report: Path, cap: float, l2: float,
          ham_weights: Sequence[float], fp_target: float, folds: int, limit: int,
-         settings: Any) -> int:
+         settings: Any, with_bayes: bool = False) -> int:
     from filterd.ruleset import load
     settings = make_settings(settings)
     ruleset = load(shipped, site)
@@ -334,6 +415,9 @@ def main(*, shipped: Path, site: Path | None, corpora: list[Path], split: Path |
         raise FitError(f"no messages of half {half} under {', '.join(map(str, corpora))}")
     features = sorted(n for n, r in engine.rules.items() if not r.helper)
     nice = {n for n in features if engine.rules[n].nice}
+    if with_bayes:
+        features += [*BAYES_HAM_BANDS, *BAYES_SPAM_BANDS]
+        nice |= set(BAYES_HAM_BANDS)
     fitted_names = set(features)
     fixed = {k: v for k, v in ruleset.scores.items() if k not in fitted_names}
     threshold = ruleset.policy.levels.tag2_level
@@ -342,6 +426,10 @@ def main(*, shipped: Path, site: Path | None, corpora: list[Path], split: Path |
     started = time.time()
     train_hits = collect(train, root, ruleset, settings)
     test_hits = collect(test, root, ruleset, settings)
+    if with_bayes:
+        train_bands, test_bands = bayes_bands(train, test, root, settings, folds)
+        for names, band_name in (*zip(train_hits, train_bands), *zip(test_hits, test_bands)):
+            names.append(band_name)
     scan_seconds = time.time() - started
     weights, calibration = fit_weights(
         train_hits, [s.label for s in train], features, nice, fixed, threshold, cap=cap, l2=l2,
@@ -358,8 +446,9 @@ def main(*, shipped: Path, site: Path | None, corpora: list[Path], split: Path |
                 if name in counts:
                     counts[name][base + sample.label] += 1
     write_scores(output, weights, half=half, cap=cap, l2=l2, calibration=calibration,
-                 fp_target=fp_target, folds=folds, n=len(train))
-    write_report(report, weights, counts, nice, train_eval, test_eval, half=half,
+                 fp_target=fp_target, folds=folds, n=len(train), with_bayes=with_bayes)
+    write_report(report, weights, counts, nice, train_eval, test_eval, with_bayes=with_bayes,
+                 half=half,
                  test_half=test_half, cap=cap, l2=l2, calibration=calibration,
                  fp_target=fp_target, folds=folds, threshold=threshold,
                  n_train=len(train), n_test=len(test), scan_seconds=scan_seconds,
@@ -369,13 +458,23 @@ def main(*, shipped: Path, site: Path | None, corpora: list[Path], split: Path |
     return 0
 
 
-def write_scores(path: Path, weights: dict[str, float], **info: Any) -> None:
-    lines = ["# Fitted scores of the default pattern rules: written by `filterd rules fit`, do not",
-             "# edit by hand (sites override in local.d/). How they were fitted: FIT-REPORT.md.",
+def write_scores(path: Path, weights: dict[str, float], *, with_bayes: bool = False,
+                 **info: Any) -> None:
+    what = ("the score set for messages the Bayes learner voted on (--with-bayes)" if with_bayes
+            else "the default pattern rules")
+    lines = [f"# Fitted scores of {what}: written by `filterd rules fit`,",
+             f"# do not edit by hand (sites override in local.d/). How they were fitted: "
+             f"{'FIT-REPORT-BAYES.md' if with_bayes else 'FIT-REPORT.md'}.",
              f"# half {info['half']} ({info['n']} messages), cap {info['cap']:g}, l2 {info['l2']:g}, "
              f"ham weight {info['calibration'].ham_weight:g}, scale {info['calibration'].scale:.3f} "
-             f"for out-of-fold FP <= {100 * info['fp_target']:g} % ({info['folds']} folds)",
-             "", "[scores]"]
+             f"for out-of-fold FP <= {100 * info['fp_target']:g} % ({info['folds']} folds)", ""]
+    if with_bayes:
+        bands = ", ".join(f'"{b}"' for b in (*BAYES_HAM_BANDS, "BAYES_50", *BAYES_SPAM_BANDS))
+        lines += ["# A message that got one of these symbols is scored with [bayes_scores] over",
+                  "# [scores] (a score a site sets in local.d/ or override.d/ wins over both).",
+                  "[score_sets]", f"bayes_scores = [{bands}]", "", "[bayes_scores]"]
+    else:
+        lines.append("[scores]")
     for name in sorted(weights):
         lines.append(f"{name} = {weights[name]:.2f}")
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -384,10 +483,25 @@ def write_scores(path: Path, weights: dict[str, float], **info: Any) -> None:
 
 
 def write_report(path: Path, weights: dict[str, float], counts: dict[str, list[int]],
-                 nice: set[str], train_eval: Any, test_eval: Any, **info: Any) -> None:
-    lines = ["# Rule score fit report", "",
-             "Written by `filterd rules fit` (filterd/ruleset/fit.py). Rules alone: the pattern and",
-             "meta rules plus the core sanity checks; no Bayes, no DNS lists, no network.",
+                 nice: set[str], train_eval: Any, test_eval: Any, *, with_bayes: bool = False,
+                 **info: Any) -> None:
+    if with_bayes:
+        head = ["# Rule score fit report: the score set with Bayes", "",
+                "Written by `filterd rules fit --with-bayes` (filterd/ruleset/fit.py): the "
+                "`[bayes_scores]` set,",
+                "used for a message the Bayes learner voted on. Features: the pattern and meta "
+                "rules, the core",
+                "sanity checks and the BAYES_* band of each message; on the fit half the band "
+                "comes from a learner",
+                "trained on the other folds, on the measured half from one trained on the whole "
+                "fit half.",
+                "No DNS lists, no network."]
+    else:
+        head = ["# Rule score fit report", "",
+                "Written by `filterd rules fit` (filterd/ruleset/fit.py). Rules alone: the "
+                "pattern and",
+                "meta rules plus the core sanity checks; no Bayes, no DNS lists, no network."]
+    lines = [*head,
              f"Fitted on half {info['half']} ({info['n_train']} messages) and measured on half "
              f"{info['test_half']} ({info['n_test']} messages) of ../shared/corpora (SPLIT.tsv);",
              f"spam verdict = score ≥ tag2_level {info['threshold']:g}.", "",

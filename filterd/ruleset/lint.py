@@ -104,6 +104,18 @@ def lint(ruleset: Any) -> list[Problem]:
             problems.append(Problem(loc(f"scores.{name}"), f"scores.{name}",
                                     "score for a name no rule, symbol or check emits",
                                     severity="warning"))
+    bayes_names = {w.partition(".")[2] for w in ruleset.definitions
+                   if w.startswith("bayes_scores.")}
+    for name in sorted(bayes_names | set(ruleset.bayes_set_when)):
+        table = "bayes_scores" if name in bayes_names else "score_sets"
+        if name.startswith("__"):
+            problems.append(Problem(loc(f"{table}.{name}"), f"{table}.{name}",
+                                    "helper rules and symbols (__NAME) are never scored"))
+        elif name not in names and name not in emitted:
+            where = f"bayes_scores.{name}" if table == "bayes_scores" else "score_sets.bayes_scores"
+            problems.append(Problem(loc(where), where,
+                                    f"{name}: no rule, symbol or check emits it",
+                                    severity="warning"))
 
     for where, defs in sorted(ruleset.definitions.items()):
         by_layer: dict[str, list[str]] = {}
