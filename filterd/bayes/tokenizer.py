@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from itertools import islice
 from typing import Iterable
 
 from filterd.message import MessageView
@@ -68,7 +69,12 @@ _SPACED_WORD = re.compile(r"(?:\w[.\-*]){3,}\w")
 _SPACED_SEP = re.compile(r"[.\-*]")
 # A word starts and ends with a letter, digit or currency sign and may hold ' . - $ inside:
 # "don't", "$19.99", "e-mail" stay whole; surrounding punctuation falls away.
-_WORD = re.compile(r"[^\W_$][\w'.$€£*\-]*[^\W_'.*\-]|[$€£][\d.,]+\d|[^\W_]")
+# Only words of MIN_WORD (3) or more characters match: shorter ones carry no signal, and
+# leaving them to the regex engine is cheaper than filtering them in Python.
+_WORD = re.compile(r"[^\W_$][\w'.$€£*\-]+[^\W_'.*\-]|[$€£][\d.,]+\d")
+_LONG_DIGITS = re.compile(r"\d{5}")
+_INVISIBLE_CHARS = re.compile("[" + "".join(map(chr, _INVISIBLE)) + "]")
+_CONFUSABLE_CHARS = re.compile("[" + "".join(map(chr, _CONFUSABLE)) + "]")
 _DIGITS = re.compile(r"\d+")
 _SUBJECT_TAG = re.compile(r"^\s*\*{3}\s*spam\s*\*{3}\s*", re.I)
 _HTML_TAG = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,10})\b")
@@ -107,7 +113,12 @@ def _words(text: str) -> list[str]:
         text = text[:MAX_TEXT_CHARS]
     ascii_only = text.isascii()
     if not ascii_only:
-        text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+        # the quick checks are C scans; NFKC and a dict translate() over a long non-ASCII
+        # text cost ten times more, and most texts need neither
+        if not unicodedata.is_normalized("NFKC", text):
+            text = unicodedata.normalize("NFKC", text)
+        if _INVISIBLE_CHARS.search(text):
+            text = _INVISIBLE_CHARS.sub("", text)
     text = text.lower()
     if "@" in text or "://" in text or "www." in text:
         # URLs and addresses are tokenised from the parsed URL list, not as words
@@ -119,13 +130,32 @@ def _words(text: str) -> list[str]:
         text = _SPACED_LETTERS.sub(_join_spaced, text)
     if _SPACED_DOTS_HINT.search(text) and _SPACED_DOTS.search(text):
         text = _SPACED_DOTS.sub(_join_spaced, text)
+    return _cut(text, ascii_only)
+
+
+def _cut(text: str, ascii_only: bool) -> list[str]:
+    """The words of a lower-cased, normalised text: _WORD matches only words of
+    MIN_WORD (3) or more characters, so most texts need no per-word Python work at all."""
     words = _WORD.findall(text)
-    if not ascii_only:
+    if not ascii_only and _CONFUSABLE_CHARS.search(text):
         words = [w.translate(_CONFUSABLE) if not w.isascii() and _HAS_ASCII_LETTER.search(w)
                  else w for w in words]
-    # a list comprehension rather than a loop: this runs for every word of every message
-    return [w if len(w) <= 4 or (len(w) <= MAX_WORD and not w.isdigit()) else _long_word(w)
-            for w in words if len(w) >= MIN_WORD]
+    if words and (_LONG_DIGITS.search(text) or max(map(len, words)) > MAX_WORD):
+        return [w if len(w) <= 4 or (len(w) <= MAX_WORD and not w.isdigit()) else _long_word(w)
+                for w in words]
+    return words
+
+
+def _header_words(value: str) -> list[str]:
+    """The words of a header value: as _words(), without the passes for spaced-out letters
+    that a short header rarely needs (all of _words() when it is not plain ASCII)."""
+    if not value.isascii():
+        return _words(value)
+    value = value.lower()
+    if "@" in value or "://" in value or "www." in value:
+        value = " ".join([chunk for chunk in value.split()
+                          if "@" not in chunk and "://" not in chunk and "www." not in chunk])
+    return _cut(value, True)
 
 
 _URL_TAIL = re.compile(r"""[^\s<>"'`{}|\\^\[\]]+""")
@@ -177,39 +207,61 @@ def _domain_of(host: str) -> str:
 
 _SHAPE_MAP = str.maketrans("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
                            "9" * 10 + "a" * 26 + "A" * 26)
-_RUNS = re.compile(r"(.)\1+")
+# a run's repeats after its first character: removed with a literal "" replacement, which
+# re.sub applies without expanding a template per match (three times cheaper than "\1")
+_RUNS = re.compile(r"(?<=(.))\1+")
 
 
 def _shape(value: str) -> str:
     """A value's shape: digits as 9, letters as a/A, runs squeezed: "1a2B3c" -> "9a9A9a"."""
-    return _RUNS.sub(r"\1", value[:64].translate(_SHAPE_MAP))[:24]
+    return _RUNS.sub("", value[:64].translate(_SHAPE_MAP))[:24]
 
 
 def _bucket(n: int) -> str:
     return str(n) if n < 5 else ("5-9" if n < 10 else ("10-49" if n < 50 else "50+"))
 
 
-def _header_tokens(view: MessageView) -> Iterable[str]:
+def _address(value: str) -> str:
+    """The address of a From value, lower-cased: inside the last <...>, else the first word
+    holding an @ (email.utils.parseaddr costs more than all the rest of the header tokens)."""
+    if "<" in value:
+        inside = value[value.rfind("<") + 1:].partition(">")[0].strip()
+        if "@" in inside:
+            return inside.lower()
+    for word in value.split():
+        if "@" in word:
+            return word.strip("<>\"'(),;").lower()
+    return ""
+
+
+def _first_raw(view: MessageView, name: str) -> str:
+    """A header's first value as received, unfolded: for values whose encoded words do not
+    matter (addresses, dates, ids, priorities), so they skip RFC 2047 decoding."""
+    values = view.header_raw(name)
+    return " ".join(values[0].split()) if values else ""
+
+
+def _header_tokens(view: MessageView, relay: tuple[str | None, str | None]) -> Iterable[str]:
     subject = _SUBJECT_TAG.sub("", view.subject)
     for w in _words(subject):
         yield "S:" + w
     if not subject.strip():
         yield "S:(empty)"
     from_value = view.first("From")
-    addr = view.from_address
+    addr = _address(from_value)
     if addr:
         yield "F:" + addr
-        yield "FD:" + view.from_domain
+        yield "FD:" + addr.rpartition("@")[2]
         yield "FL:" + _shape(addr.partition("@")[0])
     name = from_value.split("<", 1)[0] if "<" in from_value else ""
-    for w in _words(name):
+    for w in _header_words(name):
         yield "FN:" + w
     for header, prefix in (("Reply-To", "RT:"), ("Return-Path", "RP:"), ("Sender", "SE:")):
-        value = view.first(header)
+        value = _first_raw(view, header)
         if value:
             m = _ADDR_DOMAIN.search(value)
             yield prefix + (m.group(1).lower() if m else "(none)")
-    mid = view.message_id
+    mid = _first_raw(view, "Message-ID")
     if mid:
         left, _, right = mid.strip().strip("<>").partition("@")
         yield "MD:" + (right.lower()[:60] or "(none)")
@@ -217,19 +269,19 @@ def _header_tokens(view: MessageView) -> Iterable[str]:
     else:
         yield "MID:(missing)"
     for header, prefix in (("X-Mailer", "XM:"), ("User-Agent", "XM:")):
-        value = view.first(header)
-        if value:
+        if view.has_header(header):
+            value = view.first(header)
             yield prefix + _DIGITS.sub("9", value.lower())[:60]
-            for w in _words(value):
+            for w in _header_words(value):
                 yield prefix + w
     for header, prefix in (("To", "TO:"), ("Cc", "CC:")):
-        values = view.header(header)
+        values = view.header_raw(header)
         if values:
             n = sum(v.count("@") for v in values)
             yield f"{prefix}n={_bucket(n)}"
             if "undisclosed" in values[0].lower():
                 yield prefix + "undisclosed"
-    date = view.first("Date")
+    date = _first_raw(view, "Date")
     if date:
         tz = date.rsplit(None, 1)[-1] if " " in date else date
         yield "DZ:" + tz[:12]
@@ -240,14 +292,14 @@ def _header_tokens(view: MessageView) -> Iterable[str]:
         if view.has_header(header):
             yield "HP:" + header.lower()
     for header in ("Precedence", "X-Priority", "X-MSMail-Priority", "Importance"):
-        value = view.first(header)
+        value = _first_raw(view, header)
         if value:
             yield f"HV:{header.lower()}:{value.lower()[:20]}"
-    relay = view.last_external_relay
-    if relay.ip and _IPV4.match(relay.ip):
-        yield "RI:" + ".".join(relay.ip.split(".")[:2])
-    if relay.helo:
-        yield "RH:" + ("ip" if _IPV4.match(relay.helo.strip("[]")) else _shape(relay.helo))
+    ip, helo = relay
+    if ip and _IPV4.match(ip):
+        yield "RI:" + ".".join(ip.split(".")[:2])
+    if helo:
+        yield "RH:" + ("ip" if _IPV4.match(helo.strip("[]")) else _shape(helo))
 
 
 # Headers never learned: the verdicts of other filters (../shared/notes/evaluation.md), and
@@ -271,34 +323,102 @@ OTHER_HEADERS = "words"   # "words", "presence" or "" (tuning: bench/tune_bayes.
 MAX_HEADER_VALUE = 200
 
 
+# What to do with a header, by lower-cased name: the regex and set tests run once per name
+# seen rather than once per header of every message (bounded: cleared when full).
+_SKIP, _NAME_ONLY, _NAME_AND_WORDS = 0, 1, 2
+_HEADER_KIND: dict[str, int] = {}
+_HEADER_KIND_MAX = 4096
+
+
+def _header_kind(key: str) -> int:
+    kind = _HEADER_KIND.get(key)
+    if kind is None:
+        if _NEVER_LEARNED.match(key):
+            kind = _SKIP
+        elif key in _OWN_TOKENS:
+            kind = _NAME_ONLY
+        else:
+            kind = _NAME_AND_WORDS
+        if len(_HEADER_KIND) >= _HEADER_KIND_MAX:
+            _HEADER_KIND.clear()
+        _HEADER_KIND[key] = kind
+    return kind
+
+
 def _other_header_tokens(view: MessageView) -> Iterable[str]:
     """Every other header a sender or a relay on the way wrote: its name ("HN:"), and for
     the headers not tokenised elsewhere the words of its value under its own name."""
     seen: set[str] = set()
+    words = OTHER_HEADERS == "words"
     for name, value in view.raw_headers:
         key = name.lower()[:40]
-        if key in seen or _NEVER_LEARNED.match(key):
+        if key in seen:
             continue
         seen.add(key)
+        kind = _header_kind(key)
+        if kind == _SKIP:
+            continue
         yield "HN:" + key
-        if OTHER_HEADERS == "words" and key not in _OWN_TOKENS:
+        if words and kind == _NAME_AND_WORDS:
             prefix = key + ":"
-            for w in _words(value[:MAX_HEADER_VALUE]):
+            for w in _header_words(value[:MAX_HEADER_VALUE]):
                 yield prefix + w
 
 
-def _received_tokens(view: MessageView) -> Iterable[str]:
+_RCVD_FROM = re.compile(r"\s*from\s+(\S+)(?:\s+\(([^)]*)\))?", re.I)
+_RCVD_BY = re.compile(r"\bby\s+([^\s;()]+)", re.I)
+_RCVD_IP = re.compile(r"\[(?:IPv6:)?([0-9a-fA-F:.]+)\]")
+
+
+def _hop(value: str) -> tuple[str | None, str | None, str | None, str | None]:
+    """(ip, helo, reverse-DNS name, by) of one Received header, parsed here rather than by
+    MessageView.received, whose IP validation through ipaddress costs more than the tokens
+    it yields; an IP is one that looks like IPv4 or IPv6."""
+    helo = name = ip = None
+    m = _RCVD_FROM.match(value)
+    if m:
+        helo = m.group(1).strip("[]")
+        comment = m.group(2) or ""
+        if comment and not comment.lstrip().startswith("["):
+            name = comment.split(None, 1)[0]
+        ipm = _RCVD_IP.search(comment) or _RCVD_IP.search(m.group(0))
+        if ipm:
+            ip = ipm.group(1)
+        elif _IPV4.match(helo):
+            ip = helo
+        if ip and not (_IPV4.match(ip) or ip.count(":") >= 2):
+            ip = None
+    by = _RCVD_BY.search(value)
+    return ip, helo, name, by.group(1) if by else None
+
+
+def _relay(view: MessageView, hops: list[tuple[str | None, str | None, str | None, str | None]]
+           ) -> tuple[str | None, str | None]:
+    """(ip, helo) of the client that handed the message to the trusted network, as
+    MessageView.last_external_relay decides it: the MTA's own data, else the first
+    Received hop from an untrusted IP."""
+    env = view.envelope
+    if env.client_ip and not view.is_trusted(env.client_ip):
+        return env.client_ip, env.client_helo
+    for ip, helo, _, _ in hops:
+        if ip and not view.is_trusted(ip):
+            return ip, helo
+    return env.client_ip, env.client_helo
+
+
+def _received_tokens(hops: list[tuple[str | None, str | None, str | None, str | None]]
+                     ) -> Iterable[str]:
     """The relays a message passed: HELO and reverse-DNS domains, /24 networks, per hop."""
-    for hop in view.received[:MAX_RECEIVED]:
-        if hop.from_ip and _IPV4.match(hop.from_ip):
-            if hop.from_ip.startswith("127."):
+    for ip, helo, name, by in hops:
+        if ip and _IPV4.match(ip):
+            if ip.startswith("127."):
                 continue
-            yield "R:" + hop.from_ip.rsplit(".", 1)[0]
-        for name in (hop.from_name, hop.from_helo):
-            if name and not _IPV4.match(name.strip("[]")):
-                yield "R:" + _domain_of(name.lower())[:60]
-        if hop.by and not _IPV4.match(hop.by):
-            yield "RB:" + _domain_of(hop.by.lower())[:60]
+            yield "R:" + ip.rsplit(".", 1)[0]
+        for host in (name, helo):
+            if host and not _IPV4.match(host.strip("[]")):
+                yield "R:" + _domain_of(host.lower())[:60]
+        if by and not _IPV4.match(by):
+            yield "RB:" + _domain_of(by.lower())[:60]
 
 
 def _part_tokens(view: MessageView) -> Iterable[str]:
@@ -353,22 +473,24 @@ def _osb(words: list[str]) -> Iterable[str]:
             yield f"B:{words[i]} ? {words[i + 2]}"
 
 
+def _encodable(token: str) -> bool:
+    try:
+        token.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def tokenize(view: MessageView, *, max_tokens: int = DEFAULT_MAX_TOKENS,
              bigrams: bool = False) -> tuple[str, ...]:
     """The message's tokens: de-duplicated, first-seen order, at most max_tokens."""
-    seen: dict[str, None] = {}
-    add = seen.setdefault
-    for token in _header_tokens(view):
-        add(token, None)
-    for token in _received_tokens(view):
-        add(token, None)
+    hops = [_hop(value) for value in view.header_raw("Received")[:MAX_RECEIVED]]
+    found = list(_header_tokens(view, _relay(view, hops)))
+    found += _received_tokens(hops)
     if OTHER_HEADERS:
-        for token in _other_header_tokens(view):
-            add(token, None)
-    for token in _part_tokens(view):
-        add(token, None)
-    for token in _url_tokens(view):
-        add(token, None)
+        found += _other_header_tokens(view)
+    found += _part_tokens(view)
+    found += _url_tokens(view)
     body_words: list[str] = []
     budget = MAX_TEXT_CHARS
     for text in view.plain_texts:
@@ -376,14 +498,19 @@ def tokenize(view: MessageView, *, max_tokens: int = DEFAULT_MAX_TOKENS,
             break
         body_words.extend(_words(text[:budget]))
         budget -= len(text)
-    for w in body_words:
-        add(w, None)
+    found += body_words
     if bigrams:
-        for token in _osb(body_words):
-            add(token, None)
-            if len(seen) >= max_tokens * 2:
-                break
-    tokens = list(seen)
-    if _ARTIFACT.search("\n".join(tokens)):  # rare: one pass over the joined tokens first
+        found += islice(_osb(body_words), max_tokens * 2)
+    # de-duplicated in first-seen order by dict.fromkeys, in C
+    tokens = list(dict.fromkeys(found))
+    joined = "\n".join(tokens)
+    if "taint.org" in joined or "zzzz" in joined or "yyyy" in joined:   # ARTIFACT_FRAGMENTS
         tokens = [t for t in tokens if not _ARTIFACT.search(t)]
+    if not joined.isascii():
+        # a header's undecodable 8-bit bytes stay surrogate escapes in the parsed view; such
+        # a token cannot be stored (UTF-8), so it is dropped rather than fail the learner
+        try:
+            joined.encode()
+        except UnicodeEncodeError:
+            tokens = [t for t in tokens if t.isascii() or _encodable(t)]
     return tuple(tokens[:max_tokens])

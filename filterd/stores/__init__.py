@@ -80,11 +80,16 @@ class ExpiryResult:
 
 class TokenStore(Protocol):
     backend: str
+    # True when reads are local and short enough to run on the daemon's event loop (a
+    # thread hop costs more CPU than a SQLite read); False for a network store.
+    inline_reads: bool
 
-    def message_counts(self) -> tuple[int, int]:
-        """(nspam, nham): messages learned per class."""
+    def message_counts(self, *, deadline: float | None = None) -> tuple[int, int]:
+        """(nspam, nham): messages learned per class. `deadline` (time.monotonic()): a
+        read still running then fails with StoreError (where the backend can stop it)."""
 
-    def token_counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
+    def token_counts(self, tokens: Sequence[str], *, deadline: float | None = None
+                     ) -> dict[str, tuple[int, int]]:
         """(spam, ham) for each of the tokens the store knows; one round trip."""
 
     def learned_label(self, digest: str) -> str | None:

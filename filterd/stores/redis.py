@@ -111,11 +111,17 @@ class RedisTokenStore:
             raise StoreError(f"{self.url}: {type(exc).__name__}: {exc}") from exc
 
     # --- reads ---------------------------------------------------------------------------
-    def message_counts(self) -> tuple[int, int]:
+    # Reads wait on the network: the daemon runs them on a worker thread, where the
+    # per-check timeout abandons them; `deadline` is accepted for the interface and the
+    # socket timeout bounds each call.
+    inline_reads = False
+
+    def message_counts(self, *, deadline: float | None = None) -> tuple[int, int]:
         spam, ham = self._call(self._r.hmget, self.k_counts, SPAM, HAM)
         return int(spam or 0), int(ham or 0)
 
-    def token_counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
+    def token_counts(self, tokens: Sequence[str], *, deadline: float | None = None
+                     ) -> dict[str, tuple[int, int]]:
         if not tokens:
             return {}
         tokens = list(tokens)

@@ -13,17 +13,20 @@ The connection is shared by threads under a lock (the daemon calls it from worke
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
+import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from filterd.stores import (HAM, SPAM, ExpiryResult, LearnItem, LearnResult, StoreError,
                             StoreStats)
 
 SCHEMA_VERSION = "1"
+_T = TypeVar("_T")
 _CHUNK = 900   # bound on "?" parameters per statement (SQLite builds before 3.32 allow 999)
 
 _SCHEMA = """
@@ -52,6 +55,41 @@ ON CONFLICT (tok) DO UPDATE SET
 """
 
 
+# The counts of a JSON array of tokens: CROSS JOIN keeps json_each as the outer loop, so each
+# token is one primary-key probe.
+_READ_JSON = ("SELECT t.tok, t.spam, t.ham FROM json_each(?) AS j CROSS JOIN tokens AS t "
+              "ON t.tok = j.value")
+
+
+def _has_json(conn: sqlite3.Connection) -> bool:
+    """SQLite's JSON functions are built in from 3.38 and usually compiled in before."""
+    try:
+        conn.execute("SELECT count(*) FROM json_each('[]')").fetchone()
+        return True
+    except sqlite3.Error:
+        return False
+
+
+def _encodable(token: str) -> bool:
+    try:
+        token.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _token_counts_in(conn: sqlite3.Connection, tokens: Sequence[str]
+                     ) -> dict[str, tuple[int, int]]:
+    """The plain form of the read, for SQLite builds without JSON functions."""
+    out: dict[str, tuple[int, int]] = {}
+    for i in range(0, len(tokens), _CHUNK):
+        chunk = list(tokens[i:i + _CHUNK])
+        sql = "SELECT tok, spam, ham FROM tokens WHERE tok IN (" + ",".join("?" * len(chunk)) + ")"
+        for tok, spam, ham in conn.execute(sql, chunk):
+            out[tok] = (spam, ham)
+    return out
+
+
 class SqliteTokenStore:
     backend = "sqlite"
 
@@ -69,36 +107,76 @@ class SqliteTokenStore:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(_SCHEMA)
             self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            self._json = _has_json(self._conn)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
         self._lock = threading.Lock()
+        self._busy_timeout = busy_timeout
+        self._read_lock = threading.Lock()
+        self._read_conn: sqlite3.Connection | None = None
+        self._read_deadline = 0.0
 
     @property
     def location(self) -> str:
         return str(self.path)
 
     # --- reads ---------------------------------------------------------------------------
-    def message_counts(self) -> tuple[int, int]:
-        with self._lock:
+    # Classification reads on a connection of their own: in WAL mode a reader never waits
+    # for a writer, and a separate Python lock means the daemon's event loop (which reads
+    # inline, see filterd.checks.bayes) never waits for the autolearn thread's transaction.
+    # A read given a deadline (time.monotonic()) is interrupted by SQLite's progress
+    # handler once it passes, and fails as StoreError: the per-check timeout, kept inline.
+    inline_reads = True
+
+    def _reader(self) -> sqlite3.Connection:
+        if self._read_conn is None:
+            conn = sqlite3.connect(str(self.path), timeout=self._busy_timeout,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA query_only=1")
+            conn.set_progress_handler(self._past_deadline, 2000)
+            self._read_conn = conn
+        return self._read_conn
+
+    def _past_deadline(self) -> int:
+        return 1 if self._read_deadline and time.monotonic() > self._read_deadline else 0
+
+    def _read(self, deadline: float | None, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        with self._read_lock:
             try:
-                rows = dict(self._conn.execute("SELECT name, value FROM counters").fetchall())
+                self._read_deadline = deadline or 0.0
+                return fn(self._reader())
             except sqlite3.Error as exc:
+                if deadline and time.monotonic() > deadline:
+                    raise StoreError(f"{self.path}: read timed out") from exc
                 raise StoreError(f"{self.path}: {exc}") from exc
+            finally:
+                self._read_deadline = 0.0
+
+    def message_counts(self, *, deadline: float | None = None) -> tuple[int, int]:
+        rows = dict(self._read(deadline, lambda conn: conn.execute(
+            "SELECT name, value FROM counters").fetchall()))
         return int(rows.get("nspam", 0)), int(rows.get("nham", 0))
 
-    def token_counts(self, tokens: Sequence[str]) -> dict[str, tuple[int, int]]:
-        out: dict[str, tuple[int, int]] = {}
-        with self._lock:
+    def token_counts(self, tokens: Sequence[str], *, deadline: float | None = None
+                     ) -> dict[str, tuple[int, int]]:
+        if not tokens:
+            return {}
+        return self._read(deadline, lambda conn: self._token_counts(conn, tokens))
+
+    def _token_counts(self, conn: sqlite3.Connection, tokens: Sequence[str]
+                      ) -> dict[str, tuple[int, int]]:
+        if self._json:
             try:
-                for i in range(0, len(tokens), _CHUNK):
-                    chunk = tokens[i:i + _CHUNK]
-                    sql = ("SELECT tok, spam, ham FROM tokens WHERE tok IN (" +
-                           ",".join("?" * len(chunk)) + ")")
-                    for tok, spam, ham in self._conn.execute(sql, chunk):
-                        out[tok] = (spam, ham)
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: {exc}") from exc
-        return out
+                # one parameter, one cached statement: a JSON array joined against the
+                # primary key costs about half of "IN (?, ?, ...)", which needs a new
+                # statement for every token count (docs/bayes.md)
+                rows = conn.execute(_READ_JSON, (json.dumps(tokens, ensure_ascii=False),)
+                                    ).fetchall()
+                return {tok: (spam, ham) for tok, spam, ham in rows}
+            except UnicodeEncodeError:
+                # a token that is no valid UTF-8 (a lone surrogate) cannot be known
+                tokens = [t for t in tokens if _encodable(t)]
+        return _token_counts_in(conn, tokens)
 
     def learned_label(self, digest: str) -> str | None:
         with self._lock:
@@ -273,6 +351,13 @@ class SqliteTokenStore:
                 raise StoreError(f"{self.path}: {exc}") from exc
 
     def close(self) -> None:
+        with self._read_lock:
+            if self._read_conn is not None:
+                try:
+                    self._read_conn.close()
+                except sqlite3.Error:
+                    pass
+                self._read_conn = None
         with self._lock:
             try:
                 self._conn.close()
