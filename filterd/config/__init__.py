@@ -85,8 +85,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Site layer with local.d/ (merged) and override.d/ (replacing) rule files; '' means "
             "the directory of the config file."),
     Setting("rules.engine", "choice", "auto",
-            "Pattern matching: auto (Hyperscan multi-pattern pass when installed, else one "
-            "regex per rule) or re (always one regex per rule).", choices=("auto", "re")),
+            "Pattern matching: auto (Hyperscan multi-pattern pass when installed, exact where "
+            "the pattern allows, else one regex per rule), prefilter (every Hyperscan candidate "
+            "confirmed by regex) or re (always one regex per rule).",
+            choices=("auto", "prefilter", "re")),
     Setting("rules.rule_timeout", "float", 0.25,
             "Seconds one pattern rule may spend on one text before it yields RULE_ERROR; a rule "
             "may set its own `timeout`.", minimum=0.001),

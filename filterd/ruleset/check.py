@@ -1,12 +1,14 @@
 """The pattern and meta rules as pipeline checks: [check.rules] (MAIN) and [check.meta] (COMPOSITE).
 
 Trusts: the compiled engine of the rule set the scan started with (ctx.ruleset.engine).
-Settings: rules.engine ("auto" uses Hyperscan when installed, "re" matches rule by rule),
+Settings: rules.engine ("auto" uses Hyperscan when installed, trusting its exact matches;
+"prefilter" confirms every Hyperscan candidate with `regex`; "re" matches rule by rule),
 rules.rule_timeout (seconds one rule may take on one text; a rule may set its own `timeout`).
 Symbols: every non-helper pattern or meta rule that fires (its own name); RULE_ERROR (options:
 rule, reason) for each rule that raised or overran its budget: score 0, the scan goes on.
 Notes left for `filterd scan --explain` and the meta check:
-  ctx.notes["rule_matches"][NAME] = matched excerpt (helpers included)
+  ctx.notes["rule_matches"][NAME] = matched excerpt (helpers included; a RuleHits mapping that
+                                    searches an exact Hyperscan hit's excerpt only when read)
   ctx.notes["rule_helpers"]       = set of `__helper` rules that fired (never emitted)
 """
 
@@ -17,6 +19,7 @@ from collections import Counter
 from filterd.message import MessageView
 from filterd.pipeline import Phase, ScanContext, check
 from filterd.policy import Symbol
+from filterd.ruleset.engine import RuleHits
 
 DEFAULT_RULE_TIMEOUT = 0.25
 
@@ -28,6 +31,13 @@ def _setting(ctx: ScanContext, key: str, default: object) -> object:
         return default
 
 
+def _matches(ctx: ScanContext) -> RuleHits:
+    matches = ctx.notes.get("rule_matches")
+    if not isinstance(matches, RuleHits):
+        matches = ctx.notes["rule_matches"] = RuleHits(matches)
+    return matches
+
+
 @check("rules", phase=Phase.MAIN, symbols=("RULE_ERROR",))
 def rules(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
     engine = getattr(ctx.ruleset, "engine", None)
@@ -36,11 +46,11 @@ def rules(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
     result = engine.match(msg, mode=str(_setting(ctx, "rules.engine", "auto")),
                           rule_timeout=float(_setting(ctx, "rules.rule_timeout",  # type: ignore[arg-type]
                                                       DEFAULT_RULE_TIMEOUT)))
-    matches = ctx.notes.setdefault("rule_matches", {})
+    matches = _matches(ctx)
+    matches.update(result.hits)          # excerpts of exact Hyperscan hits stay unread
     helpers = ctx.notes.setdefault("rule_helpers", set())
     out: list[Symbol] = []
-    for name, excerpt in result.hits.items():
-        matches[name] = excerpt
+    for name in result.hits:
         if name.startswith("__"):
             helpers.add(name)
         else:
@@ -58,7 +68,7 @@ def meta(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
     for name in ctx.notes.get("rule_helpers", ()):
         values[name] += 1
     fired, errors = engine.evaluate_metas(values)
-    matches = ctx.notes.setdefault("rule_matches", {})
+    matches = _matches(ctx)
     helpers = ctx.notes.setdefault("rule_helpers", set())
     out: list[Symbol] = []
     for name in fired:

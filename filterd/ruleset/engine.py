@@ -29,9 +29,10 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from filterd.message import MessageView, decode_header_value
+from filterd.ruleset.exact import translate
 from filterd.ruleset.expr import Expression, ExpressionError, compile_expression
 
 try:  # the `regex` module can stop a runaway pattern (timeout=); stdlib re cannot
@@ -100,22 +101,36 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class MatchResult:
-    hits: dict[str, str]                         # rule name -> matched excerpt
+    hits: "RuleHits"                             # rule name -> matched excerpt (read lazily)
     errors: tuple[tuple[str, str], ...]          # (rule name, reason)
     elapsed: float
 
 
 @dataclass
 class _Group:
-    """All pattern rules over one target, with their Hyperscan database."""
+    """All pattern rules over one target, with their Hyperscan databases.
+
+    Two databases hold the same rules under the same ids (index into hs_rules): `ascii_db`
+    scans texts that are pure ASCII, `unicode_db` every other text. In each, a rule is either
+    exact (its translation, filterd.ruleset.exact; the hit is trusted as it is) or a
+    prefilter (a superset, every candidate confirmed with the `regex` module). When both
+    databases would hold the same expressions they are one object.
+    """
 
     target: str
-    multi: bool                                  # a list of texts (URIs), matched one by one
+    multi: bool                                  # a list of texts (URIs, MIME parts), one by one
     rules: list[Rule] = field(default_factory=list)
     hs_rules: list[Rule] = field(default_factory=list)   # ids index into this list
-    re_rules: list[Rule] = field(default_factory=list)   # not in the database
-    hs_db: Any = None
+    re_rules: list[Rule] = field(default_factory=list)   # in neither database
+    ascii_db: Any = None
+    unicode_db: Any = None
+    ascii_exact: tuple[bool, ...] = ()           # by id: trusted without confirmation
+    unicode_exact: tuple[bool, ...] = ()
+    negated_ids: tuple[int, ...] = ()            # ids of `negate = true` rules
+    order: dict[str, int] = field(default_factory=dict)   # rule name -> position in `rules`
     hs_failures: dict[str, str] = field(default_factory=dict)
+    prefilter_db: Any = None                     # every rule as a prefilter: mode "prefilter"
+    prefilter_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _python_flags(flags: str, *, multiline: bool = False) -> int:
@@ -225,10 +240,17 @@ def _hyperscan_pattern(pattern: str) -> bytes:
     return prefilter_pattern(pattern).encode("utf-8")
 
 
-def _hs_flags(flags: str, *, multiline: bool) -> int:
+def _hs_flags(flags: str, *, multiline: bool = False, exact: bool = False) -> int:
+    """Hyperscan flags of one expression.
+
+    An exact translation spells out case, dot-all and line anchors itself (filterd.ruleset.exact),
+    so it takes none of the rule's flags; a prefilter expression takes them all.
+    """
     assert hyperscan is not None
-    value = (hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH
-             | hyperscan.HS_FLAG_ALLOWEMPTY | hyperscan.HS_FLAG_UTF8)
+    value = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY | hyperscan.HS_FLAG_UTF8
+    if exact:
+        return value
+    value |= hyperscan.HS_FLAG_PREFILTER
     if "i" in flags:
         value |= hyperscan.HS_FLAG_CASELESS
     if "s" in flags:
@@ -245,37 +267,172 @@ def _hs_compile(patterns: list[bytes], flags: list[int]) -> Any:
     return db
 
 
-def _build_group_db(group: _Group) -> None:
-    """Compile a group's rules into one database, leaving out those Hyperscan refuses."""
+# One expression of a database: (pattern bytes, Hyperscan flags, exact).
+_Expr = tuple[bytes, int, bool]
+
+
+def _prefilter_expr(rule: Rule) -> _Expr:
+    pattern = rule.pattern if "x" not in rule.flags else "(?x)" + rule.pattern
+    return _hyperscan_pattern(pattern), _hs_flags(rule.flags), False
+
+
+def _exprs_of(rule: Rule, exact_mode: bool) -> tuple[_Expr, _Expr]:
+    """(expression for ASCII texts, expression for other texts) of one rule."""
+    prefilter = _prefilter_expr(rule)
+    if not exact_mode:
+        return prefilter, prefilter
+    tr = translate(rule.pattern, rule.flags)
+    ascii_expr = (tr.ascii.encode("utf-8"), _hs_flags("", exact=True), True) \
+        if tr.ascii is not None else prefilter
+    if tr.ascii_never:
+        # nothing in ASCII text can match (the pattern needs a non-ASCII character): U+00FF,
+        # which ASCII text never holds, stands in as an exact expression that never fires
+        ascii_expr = (b"\\x{ff}", _hs_flags("", exact=True), True)
+    unicode_expr = (tr.unicode.encode("utf-8"), _hs_flags("", exact=True), True) \
+        if tr.unicode is not None else prefilter
+    return ascii_expr, unicode_expr
+
+
+def _compile_exprs(group: _Group, rules: list[Rule], exprs: list[_Expr],
+                   fallback: list[_Expr] | None) -> tuple[Any, list[_Expr], set[int]]:
+    """Compile one database; an expression Hyperscan refuses falls back to `fallback[i]`
+    (its prefilter form) or, failing that, leaves its rule out (returned in the set)."""
+    exprs = list(exprs)
+    try:
+        return _hs_compile([e[0] for e in exprs], [e[1] for e in exprs]), exprs, set()
+    except Exception:
+        pass
+    # Hyperscan names no expression in its error: find the ones it refuses one by one
+    refused: set[int] = set()
+    for i, expr in enumerate(exprs):
+        try:
+            _hs_compile([expr[0]], [expr[1]])
+            continue
+        except Exception as exc:
+            reason = str(exc.args[0] if exc.args else exc)
+        if fallback is not None and fallback[i] != expr:
+            try:
+                _hs_compile([fallback[i][0]], [fallback[i][1]])
+                exprs[i] = fallback[i]
+                continue
+            except Exception as exc:
+                reason = str(exc.args[0] if exc.args else exc)
+        group.hs_failures[rules[i].name] = reason
+        refused.add(i)
+    return None, exprs, refused
+
+
+def _build_group_db(group: _Group, *, exact_mode: bool = True) -> None:
+    """Compile a group's rules into its two databases, leaving out those Hyperscan refuses."""
+    group.order = {r.name: i for i, r in enumerate(group.rules)}
     if not HAVE_HYPERSCAN or not group.rules:
         group.re_rules = list(group.rules)
         return
-    candidates: list[tuple[Rule, bytes, int]] = []
+    rules: list[Rule] = []
+    pairs: list[tuple[_Expr, _Expr]] = []
     for rule in group.rules:
-        pattern = rule.pattern if "x" not in rule.flags else "(?x)" + rule.pattern
         try:
-            candidates.append((rule, _hyperscan_pattern(pattern),
-                               _hs_flags(rule.flags, multiline=group.multi)))
+            pairs.append(_exprs_of(rule, exact_mode))
+            rules.append(rule)
         except UnicodeEncodeError:
             group.hs_failures[rule.name] = "pattern is not valid UTF-8"
-    try:
-        db = _hs_compile([c[1] for c in candidates], [c[2] for c in candidates])
-    except Exception:
-        # Hyperscan names no expression in its error: find the ones it refuses one by one
-        good = []
-        for cand in candidates:
-            try:
-                _hs_compile([cand[1]], [cand[2]])
-                good.append(cand)
-            except Exception as exc:
-                group.hs_failures[cand[0].name] = str(exc.args[0] if exc.args else exc)
-        candidates = good
-        db = _hs_compile([c[1] for c in candidates], [c[2] for c in candidates]) \
-            if candidates else None
-    group.hs_db = db
-    group.hs_rules = [c[0] for c in candidates] if db is not None else []
-    in_db = {r.name for r in group.hs_rules}
+    prefilters = [_prefilter_expr(r) for r in rules]
+    ascii_db, ascii_exprs, refused = _compile_exprs(group, rules, [p[0] for p in pairs],
+                                                    prefilters)
+    unicode_exprs = [p[1] for p in pairs]
+    if unicode_exprs == ascii_exprs and not refused:
+        unicode_db = ascii_db
+    else:
+        unicode_db, unicode_exprs, refused_u = _compile_exprs(group, rules, unicode_exprs,
+                                                              prefilters)
+        refused |= refused_u
+    if refused:   # recompile both without the rules Hyperscan refused in either form
+        keep = [i for i in range(len(rules)) if i not in refused]
+        rules = [rules[i] for i in keep]
+        ascii_exprs = [ascii_exprs[i] for i in keep]
+        unicode_exprs = [unicode_exprs[i] for i in keep]
+    if rules and (ascii_db is None or unicode_db is None or refused):
+        ascii_db = _hs_compile([e[0] for e in ascii_exprs], [e[1] for e in ascii_exprs])
+        unicode_db = ascii_db if unicode_exprs == ascii_exprs else \
+            _hs_compile([e[0] for e in unicode_exprs], [e[1] for e in unicode_exprs])
+    if not rules:
+        group.re_rules = list(group.rules)
+        return
+    group.ascii_db, group.unicode_db = ascii_db, unicode_db
+    group.hs_rules = rules
+    group.ascii_exact = tuple(e[2] for e in ascii_exprs)
+    group.unicode_exact = tuple(e[2] for e in unicode_exprs)
+    group.negated_ids = tuple(i for i, r in enumerate(rules) if r.negate)
+    in_db = {r.name for r in rules}
     group.re_rules = [r for r in group.rules if r.name not in in_db]
+
+
+def _prefilter_db(group: _Group) -> Any:
+    """Every database rule as a prefilter (rules.engine = "prefilter"), compiled on first use."""
+    with group.prefilter_lock:
+        if group.prefilter_db is None and group.hs_rules:
+            exprs = [_prefilter_expr(r) for r in group.hs_rules]
+            group.prefilter_db = _hs_compile([e[0] for e in exprs], [e[1] for e in exprs])
+        return group.prefilter_db
+
+
+class _DeferredExcerpt:
+    """The excerpt of a hit Hyperscan found exactly: searched with `regex` only when read."""
+
+    __slots__ = ("rule", "text", "budget")
+
+    def __init__(self, rule: Rule, text: str, budget: float):
+        self.rule, self.text, self.budget = rule, text, budget
+
+    def resolve(self) -> str:
+        try:
+            m = _search(self.rule, self.text, self.budget)
+        except TimeoutError:
+            return f"(matched; the excerpt search overran its {self.rule.timeout or self.budget:g}s budget)"
+        except Exception as exc:  # the hit stands; only its excerpt is missing
+            return f"(matched; no excerpt: {type(exc).__name__})"
+        return _excerpt(self.text, m.start(), m.end()) if m is not None else "(matched)"
+
+
+class RuleHits(Mapping[str, str]):
+    """Rule name -> matched excerpt, in the order rules fired.
+
+    Hits Hyperscan found exactly carry no excerpt until one is read (`filterd scan --explain`,
+    JSON output): the scan itself never runs the `regex` search for them.
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: Mapping[str, str] | None = None):
+        self._entries: dict[str, str | _DeferredExcerpt] = dict(entries or {})
+
+    def __getitem__(self, name: str) -> str:
+        value = self._entries[name]
+        if isinstance(value, _DeferredExcerpt):
+            value = self._entries[name] = value.resolve()
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __setitem__(self, name: str, value: str | _DeferredExcerpt) -> None:
+        self._entries[name] = value
+
+    def update(self, other: Mapping[str, str]) -> None:
+        """Take every entry of `other`, leaving deferred excerpts deferred."""
+        if isinstance(other, RuleHits):
+            self._entries.update(other._entries)
+        else:
+            self._entries.update(other)
+
+    def __repr__(self) -> str:
+        return f"RuleHits({list(self._entries)})"
 
 
 class Engine:
@@ -295,6 +452,18 @@ class Engine:
         return sum(len(g.hs_rules) for g in self.groups.values())
 
     @property
+    def exact_rules(self) -> dict[str, str]:
+        """Rules Hyperscan matches without confirmation: "all texts" or "ASCII texts"."""
+        out: dict[str, str] = {}
+        for group in self.groups.values():
+            for index, rule in enumerate(group.hs_rules):
+                if group.unicode_exact[index] and group.ascii_exact[index]:
+                    out[rule.name] = "all texts"
+                elif group.ascii_exact[index]:
+                    out[rule.name] = "ASCII texts"
+        return out
+
+    @property
     def fallback_rules(self) -> dict[str, str]:
         """Pattern rules matched one by one, and why (Hyperscan refused or is missing)."""
         out: dict[str, str] = {}
@@ -309,12 +478,15 @@ class Engine:
               ) -> MatchResult:
         """Every pattern and exists rule that fires on the message, with an excerpt each.
 
-        mode: "auto" uses Hyperscan where available, "re" matches rule by rule.
+        mode: "auto" trusts Hyperscan where the pattern has an exact translation and confirms
+        the rest; "prefilter" confirms every Hyperscan candidate with `regex` (the engine
+        before exact translations, kept for comparison); "re" matches rule by rule.
         """
         started = time.perf_counter()
-        hits: dict[str, str] = {}
+        hits = RuleHits()
         errors: list[tuple[str, str]] = []
         use_hs = mode != "re" and HAVE_HYPERSCAN
+        exact = mode == "auto"
         texts = _Texts(view)
         for rule in self.exists_rules:
             if rule.header in PSEUDO_HEADERS:
@@ -334,52 +506,64 @@ class Engine:
                     errors.append((rule.name, f"target {group.target}: {type(exc).__name__}"))
                 continue
             if group.multi:
-                self._match_multi(group, value, use_hs, rule_timeout, hits, errors)
+                self._match_multi(group, value, use_hs, exact, rule_timeout, hits, errors)
             else:
-                self._match_single(group, value, use_hs, rule_timeout, hits, errors)
+                self._match_single(group, value, use_hs, exact, rule_timeout, hits, errors)
         return MatchResult(hits, tuple(errors), time.perf_counter() - started)
 
-    def _scratch(self, group: _Group) -> Any:
+    def _scan(self, db: Any, data: bytes) -> set[int]:
+        """Ids of the database's expressions that match `data` (one pass, each id once)."""
         cache = getattr(self._local, "scratch", None)
         if cache is None:
             cache = self._local.scratch = {}
-        scratch = cache.get(group.target)
+        scratch = cache.get(id(db))
         if scratch is None:
-            scratch = cache[group.target] = hyperscan.Scratch(group.hs_db)
-        return scratch
-
-    def _candidates(self, group: _Group, data: bytes) -> set[int]:
+            scratch = cache[id(db)] = hyperscan.Scratch(db)
         found: set[int] = set()
-
-        def on_match(rule_id: int, start: int, end: int, flags: int, context: Any) -> None:
-            found.add(rule_id)
-
-        group.hs_db.scan(data, match_event_handler=on_match, scratch=self._scratch(group))
+        db.scan(data, match_event_handler=lambda rule_id, *_: found.add(rule_id),
+                scratch=scratch)
         return found
 
-    def _match_single(self, group: _Group, value: str | None, use_hs: bool, budget: float,
-                      hits: dict[str, str], errors: list[tuple[str, str]]) -> None:
+    @staticmethod
+    def _database(group: _Group, exact: bool, value: str, data: bytes
+                  ) -> tuple[Any, tuple[bool, ...] | None]:
+        """The database for one text and which of its expressions are trusted as they are."""
+        if not exact:
+            return _prefilter_db(group), None
+        if len(data) == len(value):          # UTF-8 as long as the text: pure ASCII
+            return group.ascii_db, group.ascii_exact
+        return group.unicode_db, group.unicode_exact
+
+    def _match_single(self, group: _Group, value: str | None, use_hs: bool, exact: bool,
+                      budget: float, hits: RuleHits, errors: list[tuple[str, str]]) -> None:
         data: bytes | None = None
-        if use_hs and group.hs_db is not None and value:
+        if use_hs and group.hs_rules and value:
             try:
                 data = value.encode("utf-8")
             except UnicodeEncodeError:  # lone surrogates: Hyperscan needs valid UTF-8
                 data = None
-        if data is None:
+        if data is None or value is None:
             for rule in group.rules:
                 self._confirm(rule, value, budget, hits, errors)
             return
-        candidates = self._candidates(group, data)
-        for index, rule in enumerate(group.hs_rules):
-            if index in candidates:
-                self._confirm(rule, value, budget, hits, errors)
-            elif rule.negate:
-                # the prefilter is a superset: no candidate means no match, so !~ fires
+        db, trusted = self._database(group, exact, value, data)
+        found = self._scan(db, data)
+        ids = found.union(group.negated_ids) if group.negated_ids else found
+        for index in sorted(ids):        # rule order, as the per-rule path reports hits
+            rule = group.hs_rules[index]
+            if index not in found:
+                # a prefilter is a superset, an exact expression the match itself: no id
+                # means no match, so !~ fires
                 hits[rule.name] = "(no match)"
+            elif trusted is not None and trusted[index]:
+                if not rule.negate:
+                    hits[rule.name] = _DeferredExcerpt(rule, value, budget)
+            else:
+                self._confirm(rule, value, budget, hits, errors)
         for rule in group.re_rules:
             self._confirm(rule, value, budget, hits, errors)
 
-    def _confirm(self, rule: Rule, value: str | None, budget: float, hits: dict[str, str],
+    def _confirm(self, rule: Rule, value: str | None, budget: float, hits: RuleHits,
                  errors: list[tuple[str, str]]) -> None:
         text = value if value is not None else rule.if_unset
         if not text:
@@ -401,43 +585,71 @@ class Engine:
         elif m is not None:
             hits[rule.name] = _excerpt(text, m.start(), m.end())
 
-    def _match_multi(self, group: _Group, values: list[str | None], use_hs: bool,
-                     budget: float, hits: dict[str, str], errors: list[tuple[str, str]]) -> None:
+    def _match_multi(self, group: _Group, values: list[str | None], use_hs: bool, exact: bool,
+                     budget: float, hits: RuleHits, errors: list[tuple[str, str]]) -> None:
         """Targets with one text per item (URIs, one MIME part's header): any item may hit.
 
-        None stands for a part without the header; a rule's if_unset value stands in for it.
+        Each item is scanned on its own (anchors and excerpts are per item). None stands for a
+        part without the header; a rule's if_unset value stands in for it.
         """
         if not values:
             return
         present = [v for v in values if v]
         missing = len(present) < len(values)
-        candidates: set[str] | None = None
-        if use_hs and group.hs_db is not None and present:
+        results: dict[int, str | _DeferredExcerpt] = {}    # position in group.rules -> excerpt
+        failed: set[int] = set()
+
+        def attempt(rule: Rule, item: str) -> None:
+            position = group.order[rule.name]
             try:
-                data = "\n".join(present).encode("utf-8")
-            except UnicodeEncodeError:
-                data = None
-            if data is not None:
-                candidates = {group.hs_rules[i].name for i in self._candidates(group, data)}
-        in_db = {r.name for r in group.hs_rules}
-        for rule in group.rules:
-            skip_present = candidates is not None and rule.name in in_db \
-                and rule.name not in candidates
-            items = [] if skip_present else list(present)
-            if missing and rule.if_unset:
-                items.append(rule.if_unset)
-            for item in items:
+                m = _search(rule, item, budget)
+            except TimeoutError:
+                errors.append((rule.name, f"over its {rule.timeout or budget:g}s budget"))
+                failed.add(position)
+                return
+            except Exception as exc:
+                errors.append((rule.name, f"{type(exc).__name__}: {exc}"))
+                failed.add(position)
+                return
+            if m is not None:
+                results[position] = _excerpt(item, m.start(), m.end())
+
+        by_rule = group.rules
+        if use_hs and group.hs_rules:
+            by_rule = group.re_rules
+            for item in present:
                 try:
-                    m = _search(rule, item, budget)
-                except TimeoutError:
-                    errors.append((rule.name, f"over its {rule.timeout or budget:g}s budget"))
+                    data: bytes | None = item.encode("utf-8")
+                except UnicodeEncodeError:
+                    data = None
+                if data is None:
+                    for rule in group.hs_rules:
+                        if group.order[rule.name] not in results and \
+                                group.order[rule.name] not in failed:
+                            attempt(rule, item)
+                    continue
+                db, trusted = self._database(group, exact, item, data)
+                for index in sorted(self._scan(db, data)):
+                    rule = group.hs_rules[index]
+                    position = group.order[rule.name]
+                    if position in results or position in failed:
+                        continue
+                    if trusted is not None and trusted[index]:
+                        results[position] = _DeferredExcerpt(rule, item, budget)
+                    else:
+                        attempt(rule, item)
+        for rule in by_rule:
+            for item in present:
+                position = group.order[rule.name]
+                if position in results or position in failed:
                     break
-                except Exception as exc:
-                    errors.append((rule.name, f"{type(exc).__name__}: {exc}"))
-                    break
-                if m is not None:
-                    hits[rule.name] = _excerpt(item, m.start(), m.end())
-                    break
+                attempt(rule, item)
+        if missing:
+            for position, rule in enumerate(group.rules):
+                if rule.if_unset and position not in results and position not in failed:
+                    attempt(rule, rule.if_unset)
+        for position in sorted(results):
+            hits[group.rules[position].name] = results[position]
 
     # --- meta rules ---------------------------------------------------------------------------
     def evaluate_metas(self, values: Mapping[str, float]) -> tuple[list[str], list[tuple[str, str]]]:
