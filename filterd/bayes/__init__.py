@@ -2,7 +2,8 @@
 
 Trusts: nothing in the message; the store (filterd.stores) for counts.
 Reads: bayes.max_tokens, bayes.bigrams, bayes.min_spam, bayes.min_ham, bayes.batch_size,
-bayes.robinson_s, bayes.robinson_x, bayes.min_dev, bayes.max_significant, bayes.calibrate
+bayes.robinson_s, bayes.robinson_x, bayes.min_dev, bayes.max_significant,
+bayes.prefixed_weight, bayes.calibrate
 (and the store
 settings through filterd.stores.open_token_store).
 Emits no symbols itself: filterd.checks.bayes turns a `Classification` into BAYES_*.
@@ -80,6 +81,7 @@ def params_from(settings: Any) -> ClassifierParams:
     b = settings.bayes
     return ClassifierParams(robinson_s=b.robinson_s, robinson_x=b.robinson_x,
                             min_dev=b.min_dev, max_significant=b.max_significant,
+                            prefixed_weight=b.prefixed_weight,
                             calibration=DEFAULT_CALIBRATION if b.calibrate else ())
 
 

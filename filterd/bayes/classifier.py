@@ -11,7 +11,11 @@ Tokens with |f(w) - 0.5| < min_dev carry no evidence and are left out; of the re
 `max_significant` strongest are combined (Fisher):
   H = C^-1(-2 sum ln f(w), 2k),  S = C^-1(-2 sum ln(1 - f(w)), 2k)
   probability = (1 + H - S) / 2
-where C^-1 is the chi-square survival function with 2k degrees of freedom.
+where C^-1 is the chi-square survival function with 2k degrees of freedom. The raw score is
+the logit of that probability plus `prefixed_weight` (0.25) times the logit of the same
+combination over the prefixed tokens alone (headers, relays, URLs, MIME/HTML structure: a
+second opinion that a long body of correlated words cannot swamp); `calibration` maps it
+to the probability that names the band.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class ClassifierParams:
     min_dev: float = 0.375       # ignore tokens whose f(w) is this close to 0.5
     max_significant: int = 100   # combine at most this many of the strongest tokens
     method: str = "fisher"       # "fisher" (chi-square combining) or "logodds" (see classify)
+    # Fisher only: the raw score adds this times the Fisher logit of the prefixed tokens
+    # alone (every token but plain body words); 0 turns the second opinion off.
+    prefixed_weight: float = 0.25
     # Piecewise-linear map from the raw score to a calibrated probability: sorted (raw, p)
     # points, () for none. Fitted on a validation split of half A by bench/tune_bayes.py.
     calibration: tuple[tuple[float, float], ...] = ()
@@ -46,15 +53,16 @@ class Classification:
     raw: float = 0.5             # the combined score before calibration
 
 
-# The shipped calibration (bayes.calibrate): raw score (the logit of Fisher's p) -> spam
+# The shipped calibration (bayes.calibrate): raw score (the logit of Fisher's p plus
+# prefixed_weight times that of the prefixed tokens, for the default params) -> spam
 # probability, fitted by `bench/tune_bayes.py --fit-calibration` on 5-fold cross-validated
 # scores of half A (isotonic regression; each point is the lowest raw score from which the
 # spam fraction reaches a band bound). Half A is 61 % spam: a site whose mail is mostly ham
 # sees fewer spam per band than these probabilities say (docs/bayes.md).
 DEFAULT_CALIBRATION: tuple[tuple[float, float], ...] = (
-    (-43.041, 0.001), (-23.041, 0.01), (-11.185, 0.05), (-4.486, 0.2), (-3.0, 0.4),
-    (-1.75, 0.6), (-0.774, 0.8), (-0.096, 0.95), (0.011, 0.99), (0.012, 0.999),
-    (50.011, 0.9999),
+    (-49.505, 0.001), (-29.505, 0.01), (-14.011, 0.05), (-5.69, 0.2), (-2.975, 0.4),
+    (-2.974, 0.6), (-0.862, 0.8), (-0.861, 0.95), (0.019, 0.99), (1.126, 0.999),
+    (51.126, 0.9999),
 )
 
 # (lower bound, symbol): the band of a probability is the last whose bound it reaches.
@@ -94,40 +102,72 @@ def _logaddexp(a: float, b: float) -> float:
     return a + math.log1p(math.exp(b - a)) if b > -math.inf else a
 
 
+def _log_series(m: float, log_m: float, lo: int, hi: int | None) -> float:
+    """ln sum_{i=lo}^{hi} m^i / i! (hi None: to infinity), for m > 0.
+
+    Summed outward from the largest term with plain ratios (term(i+1)/term(i) = m/(i+1)), so
+    only the largest term needs a logarithm; the sum stops where the terms no longer count."""
+    peak = int(m)
+    if peak < lo:
+        peak = lo
+    elif hi is not None and peak > hi:
+        peak = hi
+    total = term = 1.0
+    i = peak
+    while i > lo:
+        term *= i / m
+        i -= 1
+        total += term
+        if term < 1e-17 * total:
+            break
+    term = 1.0
+    i = peak
+    while hi is None or i < hi:
+        i += 1
+        term *= m / i
+        total += term
+        if term < 1e-17 * total:
+            break
+    return peak * log_m - math.lgamma(peak + 1) + math.log(total)
+
+
 def _log_chi2_tails(x2: float, dof: int) -> tuple[float, float]:
     """(ln P(X <= x2), ln P(X > x2)) for X chi-square with even `dof`, without underflow.
 
     P(X > x2) = e^-m sum_{i<k} m^i/i! and P(X <= x2) = e^-m sum_{i>=k} m^i/i!, with m = x2/2
-    and k = dof/2: each series is summed from its largest term in the log domain."""
+    and k = dof/2: each series is summed from its largest term (_log_series)."""
     k = dof // 2
     m = x2 / 2.0
     if m <= 0.0:
         return -math.inf, 0.0
     log_m = math.log(m)
-    # upper tail: terms i = 0..k-1 of m^i/i!
-    terms = []
-    log_term = 0.0
-    for i in range(k):
-        if i:
-            log_term += log_m - math.log(i)
-        terms.append(log_term)
-    top = max(terms)
-    log_upper = min(0.0, -m + top + math.log(sum(math.exp(t - top) for t in terms)))
+    log_upper = min(0.0, -m + _log_series(m, log_m, 0, k - 1))
     if log_upper < -1e-3:
         return math.log(-math.expm1(log_upper)), log_upper
     # the upper tail is close to 1: sum the lower tail's series directly, terms i >= k
-    log_term = k * log_m - math.lgamma(k + 1)
-    terms = [log_term]
-    i = k
-    while True:
-        i += 1
-        log_term += log_m - math.log(i)
-        terms.append(log_term)
-        if log_term < terms[0] - 40.0 or i > k + 10_000:
-            break
-    top = max(terms)
-    log_lower = -m + top + math.log(sum(math.exp(t - top) for t in terms))
-    return min(0.0, log_lower), log_upper
+    return min(0.0, -m + _log_series(m, log_m, k, None)), log_upper
+
+
+def _fisher_logit(fs: Sequence[float]) -> float:
+    """The logit of Fisher's combined probability p = (1 + S - H) / 2 of the f(w) values,
+    H = P(chi2 <= -2 sum ln f), S = P(chi2 <= -2 sum ln(1 - f)), with 2k degrees of freedom.
+
+    Both tails of each are kept in the log domain, so the score is the exact logit of p even
+    where p itself rounds to 0 or 1: thousands of spam share p = 1.0, and a threshold between
+    them (the FP <= 0.1 % operating point) needs their order."""
+    sum_ln_f = 0.0
+    sum_ln_1f = 0.0
+    log = math.log
+    for f in fs:
+        # clamp: a token seen only in one class gives f close to 0 or 1, never exactly
+        f = min(max(f, 1e-9), 1.0 - 1e-9)
+        sum_ln_f += log(f)
+        sum_ln_1f += log(1.0 - f)
+    k2 = 2 * len(fs)
+    log_h, log_not_h = _log_chi2_tails(-2.0 * sum_ln_f, k2)
+    log_s, log_not_s = _log_chi2_tails(-2.0 * sum_ln_1f, k2)
+    # p = (S + (1 - H)) / 2 and 1 - p = (H + (1 - S)) / 2
+    return _logaddexp(log_s, log_not_h) - _logaddexp(log_h, log_not_s)
 
 
 def classify(tokens: Sequence[str], counts: Mapping[str, tuple[int, int]], nspam: int,
@@ -158,38 +198,33 @@ def classify(tokens: Sequence[str], counts: Mapping[str, tuple[int, int]], nspam
     if not scored:
         return Classification(calibrate(0.0, params.calibration, params.method)
                                if params.calibration else 0.5, 0, known, (), 0.0)
+    strongest = scored
     if len(scored) > params.max_significant:
-        scored.sort(reverse=True)
-        scored = scored[:params.max_significant]
+        strongest = sorted(scored, reverse=True)[:params.max_significant]
     if params.method == "logodds":
         raw = 0.0
-        for _, f, _ in scored:
+        for _, f, _ in strongest:
             f = min(max(f, 1e-6), 1.0 - 1e-6)
             raw += math.log(f / (1.0 - f))
         # the sum grows with the evidence; divide by sqrt(k) so that long messages with many
         # weak tokens do not outvote short ones with a few strong ones
-        raw /= math.sqrt(len(scored))
+        raw /= math.sqrt(len(strongest))
     else:
-        sum_ln_f = 0.0
-        sum_ln_1f = 0.0
-        for _, f, _ in scored:
-            # clamp: a token seen only in one class gives f close to 0 or 1, never exactly
-            f = min(max(f, 1e-9), 1.0 - 1e-9)
-            sum_ln_f += math.log(f)
-            sum_ln_1f += math.log(1.0 - f)
-        k2 = 2 * len(scored)
-        # H = P(chi2 <= -2 sum ln f), S = P(chi2 <= -2 sum ln(1 - f)); p = (1 + S - H) / 2.
-        # Both tails of each are kept in the log domain, so the score is the exact logit of
-        # Fisher's p even where p itself rounds to 0 or 1: thousands of spam share p = 1.0,
-        # and a threshold between them (the FP <= 0.1 % operating point) needs their order.
-        log_h, log_not_h = _log_chi2_tails(-2.0 * sum_ln_f, k2)
-        log_s, log_not_s = _log_chi2_tails(-2.0 * sum_ln_1f, k2)
-        fisher = (1.0 + math.exp(log_s) - math.exp(log_h)) / 2.0
-        # p = (S + (1 - H)) / 2 and 1 - p = (H + (1 - S)) / 2
-        raw = _logaddexp(log_s, log_not_h) - _logaddexp(log_h, log_not_s)
+        raw = _fisher_logit([f for _, f, _ in strongest])
+        if params.prefixed_weight:
+            # the second opinion: the same combination over the prefixed tokens alone
+            # (headers, relays, URLs, MIME and HTML structure), which a body of many
+            # correlated words (a language, a template) cannot swamp (docs/bayes.md)
+            prefixed = [item for item in scored if ":" in item[2]]
+            if len(prefixed) > params.max_significant:
+                prefixed.sort(reverse=True)
+                prefixed = prefixed[:params.max_significant]
+            if prefixed:
+                raw += params.prefixed_weight * _fisher_logit([f for _, f, _ in prefixed])
         if not params.calibration:
-            return _result(min(max(fisher, 0.0), 1.0), scored, known, explain, raw)
-    return _result(calibrate(raw, params.calibration, params.method), scored, known,
+            probability = 1.0 / (1.0 + math.exp(-max(min(raw, 700.0), -700.0)))
+            return _result(probability, strongest, known, explain, raw)
+    return _result(calibrate(raw, params.calibration, params.method), strongest, known,
                    explain, raw)
 
 

@@ -281,6 +281,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Tokens whose probability is closer than this to 0.5 are ignored.", minimum=0.0),
     Setting("bayes.max_significant", "int", 100,
             "Most tokens (the strongest) combined per message.", minimum=1),
+    Setting("bayes.prefixed_weight", "float", 0.25,
+            "Weight of the second Fisher combination over the prefixed tokens alone "
+            "(headers, relays, URLs, MIME/HTML structure) added to the score; 0: off. The "
+            "shipped calibration is fitted for 0.25 (docs/bayes.md).", minimum=0.0),
     Setting("bayes.calibrate", "bool", True,
             "Map the classifier's score to a spam probability fitted on the corpora, so "
             "BAYES_* bands mean what they say (docs/bayes.md); off: Fisher's raw p."),
