@@ -5,14 +5,17 @@ classified by a model learned on the other 4 folds (cross-validation), so half B
 anything (../shared/notes/evaluation.md) and FN at FP <= 0.1 % rests on all of half A's ham
 rather than on a few hundred. Counts are kept in memory (the store does not change what is
 learned), so one variant takes seconds. Prints ROC AUC and FN at FP <= 0.1 % and <= 1 %, per
-corpus and overall; --fit-calibration fits the raw-score -> probability map.
+corpus and overall; --fit-calibration fits the raw-score -> probability map; --top-hams N
+shows the hams that set the FP <= 0.1 % threshold and the tokens that push them.
 
-  .venv/bin/python bench/tune_bayes.py [--variant NAME ...]
+  .venv/bin/python bench/tune_bayes.py [--params k=v,k=v ...] [--set NAME=VALUE ...]
+      [--fit-calibration] [--top-hams N]
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
 import sys
 import time
@@ -37,8 +40,10 @@ def fold_of(path: str) -> int:
     return int(hashlib.sha256(path.encode()).hexdigest()[:8], 16) % FOLDS
 
 
-def evaluate(tokens: list, params: ClassifierParams):
-    """tokens: (fold, corpus, label, tokens). Returns (corpus, label, raw score) per message."""
+def evaluate(tokens: list, params: ClassifierParams, *, keep: list | None = None):
+    """tokens: (fold, corpus, label, tokens). Returns (corpus, label, raw score) per message;
+    with `keep` (a list), also appends (raw, index, Classification with the strongest 40
+    tokens, the fold's counts) for every ham, for --top-hams."""
     total: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
     for fold, _, lab, toks in tokens:
         col = 2 * fold + (0 if lab == SPAM else 1)
@@ -54,10 +59,28 @@ def evaluate(tokens: list, params: ClassifierParams):
             h = sum(c[1::2]) - c[2 * fold + 1]
             if s or h:
                 counts[t] = (s, h)
-        for f, corpus, lab, toks in tokens:
+        for i, (f, corpus, lab, toks) in enumerate(tokens):
             if f == fold:
-                out.append((corpus, lab, classify(toks, counts, nspam, nham, params).raw))
+                if keep is not None and lab != SPAM:
+                    c = classify(toks, counts, nspam, nham, params, explain=40)
+                    keep.append((c.raw, i, c, counts))
+                else:
+                    c = classify(toks, counts, nspam, nham, params)
+                out.append((corpus, lab, c.raw))
     return out
+
+
+def show_top_hams(rows: list, keep: list, results: list, n: int) -> None:
+    """The hams that set the FP <= 0.1 % threshold and the tokens that push them up: what
+    to look at before changing the tokenizer (half A only, never half B)."""
+    spam_scores = sorted(raw for _, lab, raw in results if lab == SPAM)
+    for raw, i, c, counts in sorted(keep, key=lambda k: -k[0])[:n]:
+        below = bisect.bisect_right(spam_scores, raw)
+        print(f"\n{raw:9.2f}  {rows[i][0]}  (spam scoring at or below it: {below})")
+        for side, pick in (("spammy", lambda f: f > 0.5), ("hammy", lambda f: f < 0.5)):
+            top = [(t, f) for t, f in c.top if pick(f)][:15]
+            print(f"  {side}: " + ", ".join(f"{t}={f:.3f}({counts[t][0]}/{counts[t][1]})"
+                                            for t, f in top))
 
 
 def report(name: str, results) -> dict:
@@ -119,6 +142,8 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[],
                     help="NAME=VALUE: set a tokenizer module constant (a string) for this run")
     ap.add_argument("--fit-calibration", action="store_true")
+    ap.add_argument("--top-hams", type=int, default=0, metavar="N",
+                    help="show the N highest-scoring hams of the default variant and their tokens")
     args = ap.parse_args()
     for spec in args.set:
         name, _, value = spec.partition("=")
@@ -137,8 +162,11 @@ def main() -> int:
         variants.append((spec, ClassifierParams(**kv)))
     ap_fit = args.fit_calibration
     for name, params in variants:
-        results = evaluate(tokens, params)
+        keep: list | None = [] if args.top_hams and name == "default" else None
+        results = evaluate(tokens, params, keep=keep)
         report(name, results)
+        if keep:
+            show_top_hams(rows, keep, results, args.top_hams)
         if ap_fit:
             points = fit_calibration(results)
             print(f"  calibration {points}")

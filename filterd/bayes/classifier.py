@@ -60,9 +60,9 @@ class Classification:
 # spam fraction reaches a band bound). Half A is 61 % spam: a site whose mail is mostly ham
 # sees fewer spam per band than these probabilities say (docs/bayes.md).
 DEFAULT_CALIBRATION: tuple[tuple[float, float], ...] = (
-    (-49.505, 0.001), (-29.505, 0.01), (-14.011, 0.05), (-5.69, 0.2), (-2.975, 0.4),
-    (-2.974, 0.6), (-0.862, 0.8), (-0.861, 0.95), (0.019, 0.99), (1.126, 0.999),
-    (51.126, 0.9999),
+    (-49.505, 0.001), (-29.505, 0.01), (-11.274, 0.05), (-5.089, 0.2), (-3.543, 0.4),
+    (-2.975, 0.6), (-1.063, 0.8), (-0.784, 0.95), (0.105, 0.99), (1.655, 0.999),
+    (51.655, 0.9999),
 )
 
 # (lower bound, symbol): the band of a probability is the last whose bound it reaches.

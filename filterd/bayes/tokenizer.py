@@ -17,11 +17,14 @@ What is learned, and why:
   headers            only an allow-list, each with its own prefix: From (address, domain, name
                      words), Reply-To and Return-Path domains, Message-ID domain and shape,
                      X-Mailer/User-Agent, recipient counts, Date time zone, Content-Type and
-                     charsets, list/reply markers, X-Priority, the last external relay's /16
-                     and HELO shape, and per Received hop ("R:") the sending /24 and the HELO
-                     and reverse-DNS domains. Never the verdict headers of other filters (X-Spam-*,
-                     X-Virus-*, X-Barracuda-*, Authentication-Results, ...): an allow-list
-                     cannot learn them by accident (../shared/notes/evaluation.md).
+                     charsets, the last external relay's /16 and HELO shape, and per Received
+                     hop ("R:") the sending /24 and the HELO and reverse-DNS domains.
+  other headers      every header outside a deny list (_NEVER_LEARNED: the verdicts of other
+                     filters, X-Spam-*, X-Virus-*, Authentication-Results, ..., and what the
+                     receiving site adds on delivery, ../shared/notes/evaluation.md): its name
+                     ("HN:") and, when no prefix above covers it, its first MAX_HEADER_WORDS
+                     (4) words under its own name (a boilerplate value's words all carry the
+                     same evidence; counting a dozen of them is counting one many times).
   URLs               host, registered domain, scheme and path words ("U:", "UD:", "UP:").
   attachments        file extension and sniffed type ("A:").
   HTML               the set of tag names used ("H:"), a cheap structure fingerprint.
@@ -288,13 +291,6 @@ def _header_tokens(view: MessageView, relay: tuple[str | None, str | None]) -> I
         yield "DS:" + _shape(date)
     else:
         yield "D:(missing)"
-    for header in ("In-Reply-To", "References", "List-Id", "List-Unsubscribe", "Organization"):
-        if view.has_header(header):
-            yield "HP:" + header.lower()
-    for header in ("Precedence", "X-Priority", "X-MSMail-Priority", "Importance"):
-        value = _first_raw(view, header)
-        if value:
-            yield f"HV:{header.lower()}:{value.lower()[:20]}"
     ip, helo = relay
     if ip and _IPV4.match(ip):
         yield "RI:" + ".".join(ip.split(".")[:2])
@@ -321,6 +317,7 @@ _OWN_TOKENS = frozenset((
     "list-post", "list-archive"))
 OTHER_HEADERS = "words"   # "words", "presence" or "" (tuning: bench/tune_bayes.py)
 MAX_HEADER_VALUE = 200
+MAX_HEADER_WORDS = 4      # words learned per other header (0: all; tuning: bench/tune_bayes.py)
 
 
 # What to do with a header, by lower-cased name: the regex and set tests run once per name
@@ -361,7 +358,7 @@ def _other_header_tokens(view: MessageView) -> Iterable[str]:
         yield "HN:" + key
         if words and kind == _NAME_AND_WORDS:
             prefix = key + ":"
-            for w in _header_words(value[:MAX_HEADER_VALUE]):
+            for w in _header_words(value[:MAX_HEADER_VALUE])[:MAX_HEADER_WORDS or None]:
                 yield prefix + w
 
 
