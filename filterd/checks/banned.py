@@ -23,12 +23,15 @@ Emits (options name the offending part; members as "outer.zip/inner.exe"):
   ARCHIVE_TIMEOUT          inspection took longer than time_budget
   ARCHIVE_UNREADABLE       an archive (or a member) could not be read: corrupt, an unsupported
                            method, or no reader installed (rar without unrar, 7z without py7zr)
-The inspection runs in a worker thread, so a large archive never blocks the event loop.
+An archive, a truncated view (the whole message is parsed again) or a large message is
+inspected in a worker thread, so it never blocks the event loop; the common small message
+without an archive is checked inline (names and magic bytes only), saving a thread hop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 import unicodedata
@@ -80,7 +83,7 @@ def extensions_of(name: str) -> list[str]:
 
 
 class NamePolicy:
-    """The banned-name rules of one binding, compiled once per call."""
+    """The banned-name rules of one binding (read-only once built; shared between scans)."""
 
     def __init__(self, extensions: Iterable[str], decoy_extensions: Iterable[str],
                  executable_types: Iterable[str]):
@@ -161,6 +164,24 @@ def _archive_symbols(found: dict[str, list[str]], report: Inspection, policy: Na
         _add(found, PROBLEM_SYMBOLS[problem.kind], f"{clean_name(problem.path)}{detail}")
 
 
+# At most this many raw bytes are checked on the event loop (decoding their attachments is
+# then cheap); a larger message goes to a worker thread like an archive.
+INLINE_MAX_BYTES = 256 * 1024
+
+
+def needs_worker(msg: MessageView) -> bool:
+    """Whether the check must leave the event loop: archives to open, a truncated view to
+    parse again, or so many bytes that decoding them would stall other scans."""
+    if msg.truncated or len(msg.raw) > INLINE_MAX_BYTES:
+        return True
+    for part in msg.parts:
+        if part.is_text and not part.filename:
+            continue
+        if archive_kind(part.payload[:HEAD_BYTES]) is not None:
+            return True
+    return False
+
+
 def _whole_parts(msg: MessageView) -> list[Part]:
     """The message's parts, parsed from all of it when the view holds only a prefix."""
     if not msg.truncated:
@@ -181,13 +202,22 @@ async def banned_files(msg: MessageView, ctx: ScanContext, *, extensions: Sequen
                        max_expanded_bytes: int = Limits.max_expanded_bytes,
                        max_member_read: int = Limits.max_member_read,
                        time_budget: float = Limits.time_budget) -> list[Symbol]:
-    policy = NamePolicy(extensions, decoy_extensions, executable_types)
+    policy = _name_policy(tuple(extensions), tuple(decoy_extensions), tuple(executable_types))
     limits = Limits(max_depth=int(max_depth), max_members=int(max_members),
                     max_expanded_bytes=int(max_expanded_bytes),
                     max_member_read=int(max_member_read), time_budget=float(time_budget))
+    if not needs_worker(msg):
+        return examine_parts(msg.parts, policy, limits)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, _inspect_message, msg, policy, limits)
 
 
-__all__ = ["banned_files", "examine_parts", "extensions_of", "NamePolicy", "clean_name",
+@functools.lru_cache(maxsize=16)
+def _name_policy(extensions: tuple[str, ...], decoys: tuple[str, ...],
+                 executable_types: tuple[str, ...]) -> NamePolicy:
+    # the binding's lists are the same for every message: compile them once
+    return NamePolicy(extensions, decoys, executable_types)
+
+
+__all__ = ["banned_files", "examine_parts", "needs_worker", "extensions_of", "NamePolicy", "clean_name",
            "SYMBOLS", "PROBLEM_SYMBOLS"]

@@ -152,7 +152,9 @@ async def _run_one(binding: Any, spec: CheckSpec, view: MessageView, ctx: ScanCo
     timeout = min(binding.timeout or default_timeout, max(ctx.remaining(), 0.0))
     try:
         if spec.is_async:
-            result = await asyncio.wait_for(spec.func(view, ctx, **binding.args), timeout)
+            # a timer on the running task, not wait_for's extra task per check
+            async with asyncio.timeout(timeout):
+                result = await spec.func(view, ctx, **binding.args)
         else:
             result = spec.func(view, ctx, **binding.args)
         return list(result or ())
@@ -166,16 +168,60 @@ async def _run_one(binding: Any, spec: CheckSpec, view: MessageView, ctx: ScanCo
         return [Symbol("CHECK_ERROR", (binding.name, type(exc).__name__))]
 
 
+# plan() per rule set: key (skip_network, ids of the bindings and their specs); the value
+# keeps the bindings alive, so their ids are not reused while cached.
+_PLANS: dict[tuple[Any, ...], tuple[list[Any], list[tuple[Phase, list[tuple[Any, CheckSpec]]]]]] = {}
+
+
 def plan(ruleset: Any, *, skip_network: bool = False) -> list[tuple[Phase, list[tuple[Any, CheckSpec]]]]:
-    """The bound checks grouped by phase, in phase order."""
+    """The bound checks grouped by phase, in phase order (computed once per rule set)."""
+    bindings = ruleset.bindings
+    key = (skip_network, *[(id(b), id(REGISTRY.get(b.function))) for b in bindings])
+    cached = _PLANS.get(key)
+    if cached is not None:
+        return cached[1]
+    result = _plan(bindings, skip_network)
+    if len(_PLANS) >= 64:
+        _PLANS.clear()
+    # keyed after load_checks() ran in _plan, so the next call finds it
+    _PLANS[(skip_network, *[(id(b), id(REGISTRY.get(b.function))) for b in bindings])] = (
+        list(bindings), result)
+    return result
+
+
+def _plan(bindings: Sequence[Any], skip_network: bool
+          ) -> list[tuple[Phase, list[tuple[Any, CheckSpec]]]]:
     registry = load_checks()
     by_phase: dict[Phase, list[tuple[Any, CheckSpec]]] = {}
-    for binding in ruleset.bindings:
+    for binding in bindings:
         spec = registry[binding.function]
         if not binding.enabled or (skip_network and spec.network):
             continue
         by_phase.setdefault(spec.phase, []).append((binding, spec))
     return sorted(by_phase.items())
+
+
+async def _run_phase(checks: Sequence[tuple[Any, CheckSpec]], view: MessageView,
+                     ctx: ScanContext, default_timeout: float) -> list[list[Symbol]]:
+    """One phase's checks, results in binding order. The async ones (network I/O) run as
+    tasks started first, so their waits overlap the sync ones, which then run right here:
+    a task each for sync checks would only add scheduling work."""
+    tasks = {i: asyncio.ensure_future(_run_one(b, s, view, ctx, default_timeout))
+             for i, (b, s) in enumerate(checks) if s.is_async}
+    try:
+        await asyncio.sleep(0)  # let each task run up to its first wait (queries sent)
+        batches: list[list[Symbol]] = []
+        for i, (binding, spec) in enumerate(checks):
+            if i not in tasks:
+                batches.append(await _run_one(binding, spec, view, ctx, default_timeout))
+            else:
+                batches.append([])
+        for i, task in tasks.items():
+            batches[i] = await task
+        return batches
+    finally:
+        for task in tasks.values():  # deadline (cancelled): stop what is still running
+            task.cancel()
 
 
 async def scan(view: MessageView, ctx: ScanContext, *, skip_network: bool = False) -> ScanResult:
@@ -195,10 +241,8 @@ async def scan(view: MessageView, ctx: ScanContext, *, skip_network: bool = Fals
                 for binding, spec in checks:
                     ctx.symbols.extend(await _run_one(binding, spec, view, ctx, default_timeout))
             else:
-                batches = await asyncio.wait_for(
-                    asyncio.gather(*(_run_one(b, s, view, ctx, default_timeout)
-                                     for b, s in checks)),
-                    max(ctx.remaining(), 0.0))
+                async with asyncio.timeout_at(loop.time() + max(ctx.remaining(), 0.0)):
+                    batches = await _run_phase(checks, view, ctx, default_timeout)
                 for batch in batches:
                     ctx.symbols.extend(batch)
         except asyncio.TimeoutError:

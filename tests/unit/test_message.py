@@ -195,3 +195,63 @@ def test_fast_url_finder_agrees_on_the_corpus(corpus_files):
     for path in corpus_files[::7]:
         for part in parse(path.read_bytes()).text_parts:
             assert find_urls(part.text) == [m.group(0) for m in _URL.finditer(part.text)], path
+
+
+def test_fast_url_finder_agrees_on_scheme_edges():
+    # the scheme before "://" is read from one slice: texts that start inside a scheme, mixed
+    # case, and schemes that are only a suffix of a longer word
+    from filterd.message import _URL, find_urls
+    samples = ["tp://a.example ttp://b.example p://c.example", "ftp://d.example/x",
+               "HtTpS://E.example/ Http://f.example xftp://g.example/ shttps://h.example",
+               "://i.example http:// https:// ftp://", "\u0130http://j.example/ \u017fhttps://k.example/",
+               "www.l.example/wWw.m.example"]
+    for text in samples:
+        assert find_urls(text) == [m.group(0) for m in _URL.finditer(text)], text
+
+
+def test_ip_test_agrees_with_ipaddress():
+    import ipaddress
+    import itertools
+
+    from filterd.message import _is_ip
+
+    def reference(text):
+        try:
+            ipaddress.ip_address(text)
+            return True
+        except ValueError:
+            return False
+
+    octets = ["0", "00", "01", "9", "99", "100", "199", "249", "250", "255", "256", "1000", "a",
+              "", "\u0663"]
+    cases = [".".join(c) for c in itertools.product(octets, repeat=4)][::7]
+    cases += ["1.2.3", "1.2.3.4.5", "1.2.3.4 ", " 1.2.3.4", "1.2.3.4\n", "::1", "fe80::1%eth0",
+              "::ffff:1.2.3.4", "2001:db8::", "1:2", "mail.example.org", "[192.0.2.1]", ""]
+    assert [_is_ip(c) for c in cases] == [reference(c) for c in cases]
+
+
+def test_part_fields_read_through_the_stand_in_match_the_stdlib():
+    # a leaf part that is the whole message, with many headers, an RFC 2231 file name and a
+    # digest member whose type comes from the container's default
+    raw = (b"".join(b"Received: from h%d (h%d [192.0.2.%d]) by mx\r\n" % (i, i, i)
+                    for i in range(40))
+           + b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n"
+           b"--XX\r\nContent-Type: application/octet-stream;\r\n"
+           b" name*=utf-8''r%C3%A9sum%C3%A9.pdf\r\nContent-Disposition: ATTACHMENT\r\n"
+           b"Content-Transfer-Encoding: Base64\r\n\r\nJVBERi0=\r\n"
+           b"--XX\r\nContent-Type: multipart/digest; boundary=YY\r\n\r\n"
+           b"--YY\r\n\r\nSubject: inner\r\n\r\ntext\r\n--YY--\r\n--XX--\r\n")
+    view = parse(raw)
+    leaves = [m for m in view._msg.walk() if not m.is_multipart()]
+    assert len(view.parts) == len(leaves) == 2
+    for part, leaf in zip(view.parts, leaves):
+        assert part.content_type == leaf.get_content_type()
+        assert part.filename == (leaf.get_filename() and decode_header_value(leaf.get_filename()))
+        assert part.disposition == leaf.get_content_disposition()
+        assert part._msg is leaf
+    assert view.parts[0].filename == "résumé.pdf"
+    assert view.parts[0].transfer_encoding == "base64"
+    assert view.parts[0].payload == b"%PDF-"
+    from filterd.message import _part_headers
+    member = [m for m in view._msg.walk() if m.get_default_type() == "message/rfc822"][0]
+    assert _part_headers(member).get_content_type() == member.get_content_type() == "message/rfc822"

@@ -151,3 +151,108 @@ def test_shipped_rules_describe_and_score_every_core_symbol():
             assert rs.describe(symbol), f"{symbol} has no description"
             if not symbol.startswith("__"):
                 assert symbol in rs.scores, f"{symbol} has no score"
+
+
+# --- per-message overhead: plan cache, phase runner, sanity and banned fast paths ---------
+
+@check("test.async_mark", phase=Phase.MAIN)
+async def _async_mark(msg, ctx):
+    ctx.notes.setdefault("order", []).append("async started")
+    await asyncio.sleep(0.05)
+    ctx.notes["order"].append("async done")
+    return [Symbol("TEST_ASYNC")]
+
+
+@check("test.sync_mark", phase=Phase.MAIN)
+def _sync_mark(msg, ctx, *, name: str):
+    ctx.notes.setdefault("order", []).append(name)
+    return [Symbol(name)]
+
+
+def test_plan_is_built_once_per_rule_set_and_follows_new_bindings():
+    from filterd.pipeline import plan
+    rs = ruleset_with(("echo", "test.echo", {"name": "A"}, None))
+    first = plan(rs)
+    assert plan(rs) is first
+    assert [b.name for _, checks in first for b, _ in checks] == ["echo"]
+    rs.bindings = [*rs.bindings, Binding("boom", "test.boom", {}, None, True, "(test)")]
+    assert [b.name for _, checks in plan(rs) for b, _ in checks] == ["echo", "boom"]
+    assert [b.name for _, checks in plan(rs, skip_network=True) for b, _ in checks] == [
+        "echo", "boom"]
+
+
+def test_async_checks_start_first_and_symbols_keep_binding_order():
+    rs = ruleset_with(("one", "test.sync_mark", {"name": "TEST_ONE"}, None),
+                      ("slow", "test.async_mark", {}, None),
+                      ("two", "test.sync_mark", {"name": "TEST_TWO"}, None))
+    settings = config.defaults()
+    ctx = ScanContext(settings, rs)
+    result = asyncio.run(scan(parse(b"Subject: x\n\nbody\n"), ctx))
+    # the async check was running (its I/O in flight) before the sync checks of its phase
+    assert ctx.notes["order"] == ["async started", "TEST_ONE", "TEST_TWO", "async done"]
+    assert [s.name for s in result.symbols] == ["TEST_ONE", "TEST_ASYNC", "TEST_TWO"]
+    assert result.failure is None
+
+
+def test_sanity_header_line_length_and_8bit_limits():
+    from filterd.checks.sanity import sanity
+
+    def names(raw):
+        return {s.name for s in sanity(parse(raw), None)}
+
+    def message(value: bytes, after: bytes = b"") -> bytes:
+        return (b"Date: Mon, 2 Jan 2023 10:00:00 +0000\r\nMessage-ID: <a@b>\r\nFrom: a@b.example"
+                b"\r\nSubject: " + value + b"\r\n" + after + b"\r\n" + b"x" * 5000 + b"\r\n")
+
+    prefix = len(b"Subject: ")
+    assert "HEADER_LINE_TOO_LONG" not in names(message(b"y" * (998 - prefix)))
+    assert "HEADER_LINE_TOO_LONG" in names(message(b"y" * (999 - prefix)))
+    # a CRLF line's CR counts, as it did for the regex [^\n]{999,}: 998 + CR inside the block
+    assert "HEADER_LINE_TOO_LONG" in names(message(b"y" * (998 - prefix), b"To: c@d.example\r\n"))
+    assert "HEADER_LINE_TOO_LONG" not in names(message(b"y" * (997 - prefix),
+                                                        b"To: c@d.example\r\n"))
+    assert names(message(b"plain")) & {"HEADER_LINE_TOO_LONG", "HEADER_8BIT"} == set()
+    assert "HEADER_8BIT" in names(message(b"caf\xc3\xa9"))
+    assert "HEADER_8BIT" not in names(message(b"x") + b"caf\xc3\xa9 in the body\r\n")
+
+
+def test_banned_check_leaves_the_loop_only_when_it_must():
+    import io
+    import zipfile
+
+    from filterd.checks import banned
+
+    def mail(attachment: bytes | None, name: str = "a.bin") -> bytes:
+        import base64
+        head = (b"From: a@b.example\r\nSubject: s\r\nContent-Type: multipart/mixed; "
+                b"boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nhello\r\n")
+        if attachment is not None:
+            head += (b"--B\r\nContent-Type: application/octet-stream\r\nContent-Disposition: "
+                     b"attachment; filename=\"" + name.encode() + b"\"\r\n"
+                     b"Content-Transfer-Encoding: base64\r\n\r\n"
+                     + base64.encodebytes(attachment))
+        return head + b"--B--\r\n"
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("invoice.exe", b"MZ" + b"\0" * 100)
+    assert not banned.needs_worker(parse(mail(None)))
+    assert not banned.needs_worker(parse(mail(b"%PDF-1.4 not an archive", "x.pdf")))
+    assert banned.needs_worker(parse(mail(buf.getvalue(), "x.zip")))
+    assert banned.needs_worker(parse(mail(None), content_limit=40))  # truncated view
+    big = mail(b"\0" * (banned.INLINE_MAX_BYTES + 1))
+    assert banned.needs_worker(parse(big))
+
+    import tomllib
+    shipped = tomllib.loads((config.defaults().rules_dir / "banned.toml").read_text())
+    args = next(c["args"] for c in shipped["check"].values()
+                if c.get("function") == "banned_files")
+
+    async def run_check(raw):
+        return await banned.banned_files(parse(raw), None, **args)
+
+    inline = asyncio.run(run_check(mail(b"MZ" + b"\0" * 100, "invoice.pdf.exe")))
+    assert [s.name for s in inline] == ["BANNED_DOUBLE_EXTENSION"]
+    in_worker = asyncio.run(run_check(mail(buf.getvalue(), "x.zip")))
+    assert [(s.name, s.options) for s in in_worker] == [
+        ("BANNED_IN_ARCHIVE", ("x.zip/invoice.exe (extension)",))]
