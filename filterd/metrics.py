@@ -182,23 +182,35 @@ class Metrics:
         r.register(self.probes)
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        # (id(metric), label value) -> labelled child; the metrics live as long as self
+        self._children: dict[tuple[int, str], Any] = {}
 
     # --- feeding ---------------------------------------------------------------------------
     def observe(self, outcome: Any, disposition: Any) -> None:
         """AFTER_SCAN_HOOKS entry: count one message. Cheap; never touches the network."""
         verdict = outcome.verdict
-        self.messages.labels(verdict.action.value).inc()
-        self.dispositions.labels(disposition.action.value).inc()
-        for name in dict.fromkeys(s.name for s in verdict.symbols):
-            self.symbols.labels(name).inc()
+        child = self._child
+        child(self.messages, verdict.action.value).inc()
+        child(self.dispositions, disposition.action.value).inc()
+        for name in {s.name for s in verdict.symbols}:
+            child(self.symbols, name).inc()
         if outcome.failure:
-            self.failures.labels(outcome.failure).inc()
+            child(self.failures, outcome.failure).inc()
         for phase, seconds in outcome.timings.items():
             if phase == "parse" and not seconds:
                 continue  # the scanner records no separate parse time yet
-            self.phase_seconds.labels(phase).observe(seconds)
+            child(self.phase_seconds, phase).observe(seconds)
         self.score.observe(verdict.score)
         self.size.observe(outcome.view.size)
+
+    def _child(self, metric: Any, label: str) -> Any:
+        """metric.labels(label), remembered: labels() validates and locks on every call, and
+        one message touches a dozen series."""
+        key = (id(metric), label)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(label)
+        return found
 
     # --- serving ---------------------------------------------------------------------------
     def serve(self, endpoint: Endpoint) -> tuple[str, int]:

@@ -54,7 +54,9 @@ SERVICE_FACTORIES: dict[str, Callable[[Any], Any]] = {}
 AFTER_SCAN_HOOKS: list[Callable[["Outcome", "Disposition"], Any]] = []
 # Last step before delivery, after every header edit (DKIM signing): given the message as it
 # will be delivered, the outcome and the Scanner's services, return headers to add on top:
-# fn(edited_bytes, outcome, services) -> [(name, value)].
+# fn(edited_bytes, outcome, services) -> [(name, value)]. A hook may carry an attribute
+# `applies(outcome, services) -> bool`: when no hook applies to a message, the edited bytes
+# (a copy of the whole message) are never built (most mail is not signed).
 FINAL_HEADER_HOOKS: list[Callable[[bytes, "Outcome", dict[str, Any]],
                                   list[tuple[str, str]]]] = []
 # Background jobs the daemon runs: (interval in seconds, fn(settings) -> None) (quarantine
@@ -143,6 +145,8 @@ class Scanner:
         self.banks = load_banks(settings.rules_dir, settings.site_rules_dir)
         self.recipients = RecipientLookup.from_settings(settings)
         self._scan_rulesets: dict[tuple[int, tuple[str, ...]], Ruleset] = {}
+        # message-level policies by (rule set, originating, banks) identity: message_policy
+        self._message_policies: dict[tuple[Any, ...], tuple[tuple[Any, ...], EffectivePolicy]] = {}
 
     # --- rule set ------------------------------------------------------------------------
     def load_rules(self) -> Ruleset:
@@ -156,6 +160,7 @@ class Scanner:
         recipients = RecipientLookup.from_settings(self.settings)
         self.ruleset, self.banks, self.recipients = new, banks, recipients
         self._scan_rulesets = {}
+        self._message_policies = {}
         log.info("rules reloaded: %d files, %d checks, %d pattern rules",
                  len(new.files), len(new.bindings), len(new.rules))
         return new
@@ -215,9 +220,19 @@ class Scanner:
         """The policy of the whole message: the rule set's, then the banks it selects."""
         selected = select_banks(self.banks if banks is None else banks,
                                 self.message_facts(envelope))
-        eff = merge(ruleset.policy, bank_layers(selected),
-                    originating=self.is_originating(envelope), dkim_sign=self.settings.dkim.sign,
-                    banks=[b.name for b in selected])
+        originating = self.is_originating(envelope)
+        # merge() is pure and its inputs take a handful of values per daemon: build each
+        # policy once. Keyed by identity; the entry holds the rule set and banks themselves,
+        # so their ids cannot be reused while cached (a reload brings new objects, new keys).
+        key = (id(ruleset), originating, *map(id, selected))
+        cached = self._message_policies.get(key)
+        if cached is not None:
+            return cached[1], selected
+        eff = merge(ruleset.policy, bank_layers(selected), originating=originating,
+                    dkim_sign=self.settings.dkim.sign, banks=[b.name for b in selected])
+        if len(self._message_policies) >= 64:
+            self._message_policies.clear()
+        self._message_policies[key] = ((ruleset, *selected), eff)
         return eff, selected
 
     def _ruleset_for(self, ruleset: Ruleset, disabled: tuple[str, ...]) -> Ruleset:
@@ -365,11 +380,14 @@ class Scanner:
 
     def _final_edits(self, outcome: Outcome, edits: HeaderEdits) -> HeaderEdits:
         """The edits plus what the final-header hooks (DKIM signing) add on top of them."""
-        if not FINAL_HEADER_HOOKS:
+        hooks = [hook for hook in FINAL_HEADER_HOOKS
+                 if getattr(hook, "applies", None) is None
+                 or hook.applies(outcome, self.services)]  # type: ignore[attr-defined]
+        if not hooks:
             return edits
         edited = apply_to_bytes(outcome.view.raw, edits)
         extra: list[tuple[str, str]] = []
-        for hook in FINAL_HEADER_HOOKS:
+        for hook in hooks:
             extra.extend(hook(edited, outcome, self.services))
         return replace(edits, add=tuple(extra) + edits.add) if extra else edits
 
@@ -472,12 +490,13 @@ class Scanner:
                             frontend: str) -> None:
         record = message_record(outcome, disposition, frontend)
         try:
+            flat = {k: _flat(k, v) for k, v in record.items()}  # once, for both uses
             if self.settings.log.format == "json":
                 line = json.dumps(record)
             else:
-                line = " ".join(f"{k}={_kv(_flat(k, v))}" for k, v in record.items())
+                line = " ".join([f"{k}={_kv(v)}" for k, v in flat.items()])
             # `filterd` carries the fields for structured targets (journald: FILTERD_*)
-            msglog.info(line, extra={"filterd": {k: _flat(k, v) for k, v in record.items()}})
+            msglog.info(line, extra={"filterd": flat})
         except Exception:  # a log line must never cost a message its hooks (metrics, learn)
             log.exception("cannot log message %s", record.get("queue_id"))
 
@@ -510,10 +529,11 @@ def message_record(outcome: Outcome, disposition: Disposition, frontend: str) ->
 def _flat(key: str, value: Any) -> Any:
     """A field as one key=value token: rcpt a,b; symbols NAME(score),...; phases phase:ms,..."""
     if isinstance(value, list):
-        return ",".join(str(v) for v in value) or "-"
+        return ",".join([str(v) for v in value]) or "-"
     if isinstance(value, dict):
-        form = "{k}({v:g})" if key == "symbols" else "{k}:{v:g}"
-        return ",".join(form.format(k=k, v=v) for k, v in value.items()) or "-"
+        if key == "symbols":
+            return ",".join([f"{k}({v:g})" for k, v in value.items()]) or "-"
+        return ",".join([f"{k}:{v:g}" for k, v in value.items()]) or "-"
     return value
 
 

@@ -174,13 +174,21 @@ def _factory(settings: Any) -> Signer:
     return Signer(settings)
 
 
+def wants_signature(outcome: Any, services: dict[str, Any]) -> bool:
+    """Whether sign_outgoing may sign this message: originating mail whose policy (dkim.sign,
+    or the policy bank's dkim_sign) asks for it, with a signer running. Cheap: the Scanner
+    asks it before building the edited bytes the signature needs."""
+    signer = services.get("dkim_signer")
+    return (signer is not None and bool(outcome.originating) and signer.settings.dkim.sign
+            and bool(getattr(outcome, "dkim_sign", True)))
+
+
 def sign_outgoing(edited: bytes, outcome: Any, services: dict[str, Any]) -> list[tuple[str, str]]:
     """FINAL_HEADER_HOOKS entry: DKIM-Signature headers for originating mail whose policy
     (dkim.sign, or the policy bank's dkim_sign) asks for signing, else nothing."""
-    signer = services.get("dkim_signer")
-    if (signer is None or not outcome.originating or not signer.settings.dkim.sign
-            or not getattr(outcome, "dkim_sign", True)):
+    if not wants_signature(outcome, services):
         return []
+    signer = services["dkim_signer"]
     domain = from_domain(edited)
     if not domain:
         return []
@@ -189,6 +197,9 @@ def sign_outgoing(edited: bytes, outcome: Any, services: dict[str, Any]) -> list
     except Exception:
         log.exception("DKIM signing failed; the message leaves unsigned")
         return []
+
+
+sign_outgoing.applies = wants_signature  # type: ignore[attr-defined]
 
 
 def _register() -> None:

@@ -73,18 +73,16 @@ def _pattern(patterns: tuple[str, ...]) -> "re.Pattern[str]":
     return re.compile("|".join(fnmatch.translate(p.lower()) for p in patterns) or "(?!)")
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
-    return _pattern(tuple(patterns)).match(name.lower()) is not None
-
-
 def removals(view: MessageView, settings: Any) -> tuple[tuple[str, int], ...]:
-    patterns = list(settings.headers.remove_incoming)
+    # the pattern is looked up once per message, not once per header
+    matches = _pattern(tuple(settings.headers.remove_incoming)).match
+    rules = REMOVAL_RULES
     counts: dict[str, int] = {}
     out = []
     for name, value in view.raw_headers:
         key = name.lower()
         counts[key] = counts.get(key, 0) + 1
-        if _matches(name, patterns) or any(rule(name, value, settings) for rule in REMOVAL_RULES):
+        if matches(key) is not None or any(rule(name, value, settings) for rule in rules):
             out.append((name, counts[key]))
     return tuple(out)
 

@@ -161,7 +161,11 @@ class FilterMilter(Milter.Base):
             self._reset()
 
     def _eom(self) -> int:
-        raw = b"".join(self.headers) + b"\r\n" + b"".join(self.chunks)
+        # one copy of the message: header lines, the separator and the body chunks joined
+        # at once (joining each list first and adding them copied the body three times)
+        self.headers.append(b"\r\n")
+        self.headers.extend(self.chunks)
+        raw = b"".join(self.headers)
         envelope = self._envelope()
         scanner, loop = _scanner, _loop
         if scanner is None or loop is None:

@@ -235,3 +235,28 @@ def test_handoff_timeout_cancels_the_scan_on_the_loop(loop_thread):
     with pytest.raises(TimeoutError):
         milter_frontend._Handoff(loop_thread, stuck()).result(0.2)
     assert cancelled.wait(5)
+
+
+def test_message_is_assembled_once_exactly_as_sent(tmp_path, core_rules, loop_thread):
+    """Header lines, the separator and every body chunk, joined in one copy: the quarantined
+    bytes are exactly what the MTA streamed (folded header continuations in CRLF form)."""
+    site = tmp_path / "site" / "local.d"
+    site.mkdir(parents=True)
+    (site / "levels.toml").write_text("[levels]\nreject_level = 5000\n")
+    scanner = make_scanner(tmp_path, core_rules, **{"rules.site_dir": str(site.parent)})
+    milter_frontend._scanner, milter_frontend._loop = scanner, loop_thread
+    m = milter_frontend.FilterMilter()
+    m._ctx = FakeMTA()
+    m._actions, m._protocol = milter_frontend.FLAGS, 0
+    m.connect("client.example", 4, ("192.0.2.9", 1234))
+    m.envfrom("<a@example.org>")
+    m.envrcpt("<b@example.net>")
+    m.header_bytes(b"Subject", b"two\n\tlines")
+    m.header_bytes(b"From", b"a@example.org")
+    for chunk in (b"first chunk\r\n", GTUBE, b"\r\nlast\r\n"):
+        m.body(chunk)
+    assert m.eom() == Milter.DISCARD
+    assert m.headers == [] and m.chunks == []  # reset for the next message on the connection
+    (item,) = scanner.settings.quarantine_dir.rglob("*.eml")
+    assert item.read_bytes() == (b"Subject: two\r\n\tlines\r\nFrom: a@example.org\r\n\r\n"
+                                 b"first chunk\r\n" + GTUBE + b"\r\nlast\r\n")

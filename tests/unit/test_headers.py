@@ -90,3 +90,51 @@ def test_fold_keeps_lines_short_and_words_whole():
     lines = folded.split(b"\r\n")
     assert all(len(line) <= 100 for line in lines)
     assert b"".join(line.lstrip(b"\t") + b" " for line in lines).count(b"SYMBOL_NUMBER_") == 20
+
+
+def test_final_header_hooks_build_the_edited_copy_only_when_one_applies(tmp_path, core_rules):
+    """A hook with `applies` saying no is skipped, and without any hook left the edited copy
+    of the message (apply_to_bytes) is never built; one that applies sees the edited bytes."""
+    import asyncio
+
+    from filterd.message import Envelope
+    from filterd.service import FINAL_HEADER_HOOKS, Scanner
+
+    seen: list[bytes] = []
+
+    def hook(edited, outcome, services):
+        seen.append(edited)
+        return [("X-Test-Final", "1")]
+
+    scanner = Scanner(SETTINGS.with_overrides({"daemon.state_dir": str(tmp_path),
+                                               "rules.dir": str(core_rules)}))
+    outcome = asyncio.run(scanner.scan(RAW, Envelope()))
+    assert outcome.verdict.action.value == "accept" and outcome.edits.remove
+    saved = list(FINAL_HEADER_HOOKS)
+    try:
+        FINAL_HEADER_HOOKS[:] = [hook]
+        hook.applies = lambda outcome, services: False  # type: ignore[attr-defined]
+        edits = asyncio.run(scanner.dispose(outcome, "milter")).edits
+        assert seen == [] and edits == outcome.edits
+        hook.applies = lambda outcome, services: True  # type: ignore[attr-defined]
+        edits = asyncio.run(scanner.dispose(outcome, "milter")).edits
+        assert seen == [apply_to_bytes(RAW, outcome.edits)]
+        assert edits.add[0] == ("X-Test-Final", "1")
+    finally:
+        FINAL_HEADER_HOOKS[:] = saved
+
+
+def test_dkim_hook_applies_only_to_originating_mail_it_may_sign():
+    from types import SimpleNamespace
+
+    from filterd.actions.dkim_sign import sign_outgoing, wants_signature
+
+    signer = SimpleNamespace(settings=SETTINGS)
+    inbound = SimpleNamespace(originating=False, dkim_sign=True)
+    outbound = SimpleNamespace(originating=True, dkim_sign=True)
+    bank_off = SimpleNamespace(originating=True, dkim_sign=False)
+    assert sign_outgoing.applies is wants_signature
+    assert not wants_signature(inbound, {"dkim_signer": signer})
+    assert not wants_signature(outbound, {})
+    assert not wants_signature(bank_off, {"dkim_signer": signer})
+    assert wants_signature(outbound, {"dkim_signer": signer}) is SETTINGS.dkim.sign

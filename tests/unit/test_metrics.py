@@ -134,3 +134,31 @@ def test_disabled_and_unbindable_endpoint(settings, caplog):
         m = metrics.start(settings.with_overrides({"metrics.listen": f"127.0.0.1:{port}"}))
     assert m is None  # logged; the daemon runs on without metrics
     assert "metrics endpoint" in caplog.text
+
+
+def test_labelled_children_are_looked_up_once(settings):
+    """observe() remembers each labelled series: labels() is asked once per label value."""
+    from types import SimpleNamespace
+
+    from filterd.policy import Action, Symbol
+
+    m = metrics.Metrics(settings)
+    calls: list[str] = []
+    real = m.symbols.labels
+
+    def counting(*values):
+        calls.extend(values)
+        return real(*values)
+
+    m.symbols.labels = counting  # type: ignore[method-assign]
+    outcome = SimpleNamespace(
+        verdict=SimpleNamespace(action=Action.SPAM, score=7.0,
+                                symbols=(Symbol("A"), Symbol("B"), Symbol("A"))),
+        failure=None, timings={"main": 0.01, "total": 0.02}, view=SimpleNamespace(size=100))
+    disposition = SimpleNamespace(action=Action.ACCEPT)
+    for _ in range(3):
+        m.observe(outcome, disposition)
+    assert sorted(calls) == ["A", "B"]
+    assert real("A")._value.get() == 3 and real("B")._value.get() == 3
+    assert m.messages.labels("spam")._value.get() == 3
+    assert m.phase_seconds.labels("total")._sum.get() == pytest.approx(0.06)
