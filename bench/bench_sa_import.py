@@ -34,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from filterd.checks import sa_evals  # noqa: E402
 from filterd.config import PROJECT_RULES  # noqa: E402
 from filterd.message import parse  # noqa: E402
 from filterd.ruleset import fit, load, sa_import  # noqa: E402
@@ -104,6 +105,13 @@ def main() -> int:
     parser.add_argument("--spamd-port", type=int, default=7843)
     parser.add_argument("--no-start", action="store_true", help="use a spamd already listening")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--no-hyperscan", action="store_true",
+                        help="compile and match with plain `re` (rule by rule) instead of "
+                             "Hyperscan: the same hits (tests/unit/test_rules_engine checks "
+                             "both paths agree), without Hyperscan's compile time for ~2,500 "
+                             "imported patterns")
+    parser.add_argument("--stop-after", type=int, default=0,
+                        help="compare only the first N messages of the sample (quick looks)")
     args = parser.parse_args()
     if not SA_DIR.is_dir() or not CORPORA.is_dir():
         print(f"needs {SA_DIR} and {CORPORA}", file=sys.stderr)
@@ -114,12 +122,16 @@ def main() -> int:
     # the spamd started below (it reads the same /etc/spamassassin)
     result = sa_import.import_files(sorted(Path("/etc/spamassassin").glob("*.pre"))
                                     + sorted(SA_DIR.glob("*.cf")))
-    compared = {n for n in result.rules if not n.startswith("__") and result.scores.get(n, 0)}
+    compared = {n for n in [*result.rules, *result.local_evals]
+                if not n.startswith("__") and result.scores.get(n, 0)}
     tmp = Path(tempfile.mkdtemp(prefix="bench-sa-import-"))
     os.chmod(tmp, 0o755)          # spamd runs as debian-spamd and reads its config here
     site = tmp / "site"
     (site / "local.d").mkdir(parents=True)
     (site / "local.d" / "sa.toml").write_text(sa_import.to_toml(result))
+    if args.no_hyperscan:
+        from filterd.ruleset import engine as engine_module
+        engine_module.HAVE_HYPERSCAN = False
     ruleset = load(PROJECT_RULES, site)
     engine = ruleset.engine
     settings = fit.make_settings(None)
@@ -135,6 +147,8 @@ def main() -> int:
                if s.half == "B"]
     step = max(1, len(samples) // args.messages)
     samples = samples[::step][:args.messages]
+    if args.stop_after:
+        samples = samples[:args.stop_after]
 
     proc = None
     try:
@@ -152,8 +166,13 @@ def main() -> int:
             view = parse(raw, content_limit=settings.scan.content_size_limit,
                          trusted_networks=settings.scan.trusted_networks)
             match = engine.match(view)
-            metas, _ = engine.evaluate_metas({n: 1.0 for n in match.hits})
-            ours = (set(match.hits) | set(metas)) & compared
+            # the local eval: tests run as filterd's [check.sa_local_evals] binding would
+            evals, eval_errors = sa_evals.evaluate_with_errors(
+                view, result.local_evals, result.addr_lists, result.freemail_domains)
+            if eval_errors:
+                print(f"  {sample.path}: eval errors {eval_errors[:3]}", flush=True)
+            metas, _ = engine.evaluate_metas({n: 1.0 for n in [*match.hits, *evals]})
+            ours = (set(match.hits) | set(evals) | set(metas)) & compared
             if ours == theirs:
                 agree += 1
             only_filterd.update(ours - theirs)

@@ -64,6 +64,7 @@ CHECK_MODULES = (
     "filterd.checks.dnsbl",
     "filterd.checks.auth",
     "filterd.checks.bayes",
+    "filterd.checks.sa_evals",
 )
 
 

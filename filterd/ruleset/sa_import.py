@@ -80,6 +80,15 @@ class ImportResult:
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     check_symbols: dict[str, str] = field(default_factory=dict)
     net_scores: dict[str, float] = field(default_factory=dict)  # score set 1 (network, no Bayes)
+    # local eval: tests run by filterd.checks.sa_evals (one [check.sa_local_evals] binding):
+    # rule name -> [eval name, arguments...] (not in check_symbols: those are the DNS tests)
+    local_evals: dict[str, list[str]] = field(default_factory=dict)
+    addr_lists: dict[str, list[str]] = field(default_factory=dict)   # enlist_addrlist (NAME)
+    freemail_domains: list[str] = field(default_factory=list)
+    origin_notes: dict[str, str] = field(default_factory=dict)       # rule -> why it is so
+    # SpamAssassin SPF/DKIM tests whose name is a symbol filterd's auth check emits with the
+    # same meaning: no rule is written, metas read filterd's symbol
+    provided: dict[str, str] = field(default_factory=dict)
 
 
 class Untranslatable(ValueError):
@@ -269,7 +278,10 @@ def _translate_eval(kind: str, body: str, result: "ImportResult",
             result.rules.setdefault(n, dict(_EVAL_HELPERS[n]))
 
     if test == "check_all_trusted" and not args:
-        helper("__SAX_RELAYS_TRUSTED", "__SAX_RELAYS_UNTRUSTED")
+        # relay pseudo-headers with SpamAssassin's inferred trust (filterd.checks.sa_evals)
+        for helper_name, header in (("__SAX_RELAYS_TRUSTED", "X-Spam-Relays-Trusted"),
+                                    ("__SAX_RELAYS_UNTRUSTED", "X-Spam-Relays-Untrusted")):
+            result.local_evals[helper_name] = ["relay_header", header, r"\S", "", ""]
         return {"kind": "meta", "expression": "__SAX_RELAYS_TRUSTED && !__SAX_RELAYS_UNTRUSTED"}
     if test == "html_tag_exists" and len(args) == 1 and re.fullmatch(r"[A-Za-z0-9]+", args[0]):
         return {"kind": "rawbody", "pattern": rf"<{args[0]}\b", "flags": "i"}
@@ -295,6 +307,98 @@ def _translate_eval(kind: str, body: str, result: "ImportResult",
         return {"kind": "header", "header": header, "pattern": _freemail_pattern(freemail),
                 "flags": "im"}
     raise Untranslatable(f"eval test {test} (plugin code)")
+
+
+LOCAL_EVAL_BINDING = "sa_local_evals"
+# SpamAssassin's SPF and DKIM plugin tests (no arguments) and the filterd.checks.auth symbol of
+# the same meaning (auth runs SPF on the envelope sender, DKIM on every signature). These are
+# network tests in both (tflags net in SpamAssassin; DNS lookups in filterd).
+AUTH_EQUIVALENTS = {
+    "check_for_spf_pass": "SPF_PASS", "check_for_spf_fail": "SPF_FAIL",
+    "check_for_spf_softfail": "SPF_SOFTFAIL", "check_for_spf_neutral": "SPF_NEUTRAL",
+    "check_for_spf_none": "SPF_NONE", "check_for_spf_permerror": "SPF_PERMERROR",
+    "check_for_spf_temperror": "SPF_TEMPERROR", "check_dkim_valid": "DKIM_VALID",
+    "check_dkim_valid_author_sig": "DKIM_VALID_AU",
+}
+_RELAY_PSEUDO = re.compile(r"X-Spam-Relays-(?:Trusted|Untrusted|Internal|External)")
+
+
+def _relay_header_eval(body: str, tags: "ReplaceTags | None") -> list[str] | None:
+    """A header rule on an X-Spam-Relays-* pseudo-header as a sa_evals relay_header test.
+
+    filterd.checks.sa_evals builds those pseudo-headers as SpamAssassin does without
+    trusted_networks (its inferred trust boundary), which the engine's view of
+    scan.trusted_networks does not.
+    """
+    m = re.match(r"(\S+?)\s*(=~|!~)", body.strip())
+    if not m or not _RELAY_PSEUDO.fullmatch(m.group(1)):
+        return None
+    entry = _parse_header_rule(body, tags)
+    if "if_unset" in entry:
+        raise Untranslatable("[if-unset: ...] on a relay pseudo-header is not supported")
+    return ["relay_header", entry["header"], entry["pattern"], entry.get("flags", ""),
+            "negate" if entry.get("negate") else ""]
+
+
+def _local_eval(body: str, lists: dict[str, list[str]], freemail: list[str],
+                bounce_relays: list[str]) -> list[str] | None:
+    """[eval, args...] for an eval: test filterd.checks.sa_evals runs; None if it runs none.
+
+    Raises Untranslatable for a call it knows but cannot run with these arguments, and returns
+    ["false"] for tests that are false with the configuration read (SpamAssassin's VBounce
+    tests without welcomelist_bounce_relays lines).
+    """
+    from filterd.checks import sa_evals
+    m = _EVAL_ARGS.match(body.strip())
+    if not m:
+        return None
+    test = m.group(1)
+    args = [a or b for a, b in _QUOTED.findall(m.group(2))]
+    args += re.findall(r"(?:^|,)\s*(-?[\d.]+)\s*(?=,|$)", m.group(2))  # unquoted numbers
+    if test in ("check_whitelist_bounce_relays", "check_welcomelist_bounce_relays",
+                "have_any_bounce_relays") and not args:
+        if bounce_relays:
+            raise Untranslatable(f"{test} with welcomelist_bounce_relays set (not implemented)")
+        return ["false"]
+    if test not in sa_evals.IMPLEMENTED:
+        return None
+    number = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")
+    ok = False
+    if test in ("check_mailfrom_matches_rcvd", "check_for_matching_env_and_hdr_from",
+                "gated_through_received_hdr_remover"):
+        ok = not args
+    elif test == "check_for_to_in_subject":
+        ok = args in (["user"], ["address"])
+    elif test == "check_body_length":
+        ok = len(args) == 1 and args[0].isdigit()
+    elif test == "check_from_in_list":
+        ok = len(args) == 1
+        if ok and args[0] not in lists:
+            raise Untranslatable(f"check_from_in_list: no enlist_addrlist ({args[0]}) line read")
+    elif test == "check_freemail_replyto":
+        ok = args in ([], ["replyto"], ["reply"])
+        if ok and not freemail:
+            raise Untranslatable("no freemail_domains were read (load 20_freemail_domains.cf too)")
+    elif test == "html_test":
+        ok = len(args) == 1 and args[0] in sa_evals.HTML_FLAGS
+    elif test == "html_range":
+        ok = (len(args) in (2, 3) and args[0] in sa_evals.HTML_VALUES
+              and all(number.fullmatch(a) or a == "inf" for a in args[1:]))
+    elif test in ("html_eval", "html_tag_balance"):
+        ok = (len(args) == 2 and re.fullmatch(r"\s*(==|!=|<=|>=|<|>)\s*[-+]?\d+\s*", args[1])
+              is not None and (args[0] in sa_evals.HTML_VALUES if test == "html_eval"
+                               else re.fullmatch(r"[A-Za-z0-9]+", args[0]) is not None))
+    elif test in ("html_image_only", "html_image_ratio"):
+        ok = len(args) == 2 and all(number.fullmatch(a) for a in args)
+    elif test == "html_text_match":
+        ok = len(args) == 2 and args[0] in sa_evals.HTML_TEXTS
+        if ok:
+            pattern, _flags = translate_regex(args[1], "")
+            return [test, args[0], pattern]
+    if not ok:
+        raise Untranslatable(f"eval test {test} with arguments {args}: not the values "
+                             f"filterd.checks.sa_evals implements")
+    return [test, *args]
 
 
 @dataclass
@@ -348,23 +452,64 @@ class ReplaceTags:
         return pattern
 
 
-_CAN = re.compile(r"(!?)\s*can\(\s*([\w:]+?)::(?:has_)?\w+\s*\)")
+# Methods of Mail::SpamAssassin::Conf that `if can(Mail::SpamAssassin::Conf::NAME)` tests for
+# (SpamAssassin 4.0's feature flags): true for the spamd this import models.
+SA_CONF_FEATURES = frozenset("""
+    feature_originating_ip_headers feature_dns_local_ports_permit_avoid
+    feature_bayes_auto_learn_on_error feature_uri_host_listed feature_yesno_takes_args
+    feature_bug6558_free feature_edns feature_dns_query_restriction feature_registryboundaries
+    feature_geodb feature_dns_block_rule feature_compile_regexp feature_meta_rules_matching
+    feature_subjprefix feature_bayes_stopwords feature_get_host feature_blocklist_welcomelist
+    feature_welcomelist_blocklist feature_header_address_parser feature_local_tests_only
+    feature_header_first_last feature_header_match_many feature_capture_rules
+    has_tflags_nosubject has_tflags_nolog perl_min_version_5010000""".split())
+SA_VERSION = 4.000001
+_COND_TOKEN = re.compile(r"\s*(?:(plugin|can)\(\s*([\w:]+)\s*\)|(version|perl_version)"
+                         r"|(\d+(?:\.\d+)?)|(&&|\|\||>=|<=|==|!=|[!()<>])|(\S+))")
 
 
 def _condition(word: str, rest: str, loaded: set[str]) -> bool:
     """Whether an ifplugin/if block is read.
 
     With loadplugin lines read (pass the .pre files, e.g. /etc/spamassassin/*.pre, before the
-    .cf files), `ifplugin P` and `if [!]can(P::has_x)` follow the plugins that are loaded, as
-    in the spamd that loads the same files. Without any, every ifplugin block is read and an
-    `if` is taken as true unless negated. Other `if` expressions (version checks) are true.
+    .cf files), `ifplugin P`, `plugin(P)` and `can(P::has_x)` follow the plugins that are
+    loaded, as in the spamd that loads the same files; `can(Mail::SpamAssassin::Conf::x)` is
+    true for SpamAssassin 4.0's feature flags and `version` is 4.000001. Without any loadplugin
+    line every plugin counts as loaded. An `if` expression this cannot read is false.
     """
     if word == "ifplugin":
         return not loaded or rest.split()[0] in loaded
-    m = _CAN.search(rest)
-    if m and loaded:
-        return (m.group(2) in loaded) != bool(m.group(1))
-    return not rest.lstrip("( ").startswith("!")
+    tokens: list[str] = []
+    pos = 0
+    text = rest.strip()
+    while pos < len(text):
+        m = _COND_TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            return False
+        pos = m.end()
+        if m.group(1) == "plugin":
+            tokens.append(str(not loaded or m.group(2) in loaded))
+        elif m.group(1) == "can":
+            owner, _, method = m.group(2).rpartition("::")
+            if owner == "Mail::SpamAssassin::Conf":
+                tokens.append(str(method in SA_CONF_FEATURES))
+            else:
+                tokens.append(str(not loaded or owner in loaded))
+        elif m.group(3):
+            tokens.append(repr(SA_VERSION) if m.group(3) == "version" else "5.036")
+        elif m.group(4):
+            tokens.append(m.group(4))
+        elif m.group(5):
+            tokens.append({"&&": " and ", "||": " or ", "!": " not "}.get(m.group(5),
+                                                                          m.group(5)))
+        else:
+            return False
+    expression = " ".join(tokens).strip()
+    try:
+        # only True/False, numbers, comparisons, and/or/not and parentheses reach here
+        return bool(eval(compile(expression, "<if>", "eval"), {"__builtins__": {}}, {}))
+    except Exception:
+        return False
 
 
 def _meta_expression(text: str) -> str:
@@ -527,6 +672,8 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
     loaded_plugins: set[str] = set()                     # loadplugin lines read (.pre files)
     uri_lists: dict[str, tuple[str, str, str, str]] = {}  # urirhssub/urirhsbl/uridnsbl lines
     uri_skip: list[str] = []                             # uridnsbl_skip_domain entries
+    addr_lists: dict[str, list[str]] = {}                # enlist_addrlist (NAME) globs
+    bounce_relays: list[str] = []                        # welcomelist_bounce_relays entries
     for path in paths:
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -586,6 +733,12 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
                 uri_skip.extend(d.lower() for d in rest.split())
             elif word == "freemail_domains":
                 freemail.extend(rest.split())
+            elif word == "enlist_addrlist":
+                lm = re.match(r"\(\s*(\w+)\s*\)\s*(.*)$", rest)
+                if lm:
+                    addr_lists.setdefault(lm.group(1), []).extend(lm.group(2).split())
+            elif word in ("welcomelist_bounce_relays", "whitelist_bounce_relays"):
+                bounce_relays.extend(rest.split())
             elif word in ("replace_tag", "replace_pre", "replace_inter", "replace_post"):
                 tag_name, value = (re.split(r"\s+", rest, maxsplit=1) + [""])[:2]
                 table = {"replace_tag": replace.tags, "replace_pre": replace.pre,
@@ -631,6 +784,31 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
             if body.startswith("eval:") and dns.handles(body):
                 dns.translate(name, body)
                 continue
+            auth = _EVAL_ARGS.match(body.strip()) if body.startswith("eval:") else None
+            if auth and auth.group(1) in AUTH_EQUIVALENTS and not auth.group(2).strip():
+                symbol = AUTH_EQUIVALENTS[auth.group(1)]
+                if name == symbol:
+                    result.provided[name] = symbol
+                else:
+                    result.rules[name] = {"kind": "meta", "expression": symbol}
+                    result.origin_notes[name] = f"filterd's auth check symbol {symbol}"
+                continue
+            local = _local_eval(body, addr_lists, freemail, bounce_relays) \
+                if body.startswith("eval:") else None
+            if local == ["false"]:
+                # false with the configuration read, as in SpamAssassin: a meta that is 0
+                result.rules[name] = {"kind": "meta", "expression": "0"}
+                result.origin_notes[name] = ("false: no welcomelist_bounce_relays lines were "
+                                             "read, as in SpamAssassin")
+                continue
+            if local is not None:
+                result.local_evals[name] = local
+                continue
+            if kind == "header" and not body.startswith("eval:"):
+                relay = _relay_header_eval(body, replace if name in replace.rules else None)
+                if relay is not None:
+                    result.local_evals[name] = relay
+                    continue
             if body.startswith("eval:"):
                 entry = _translate_eval(kind, body, result, freemail)
                 result.rules[name] = entry
@@ -658,6 +836,12 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
             result.skipped.append(Skipped(name, kind, location, str(exc)))
 
     result.undefined_refs = undefined_refs
+    if result.local_evals:
+        result.addr_lists = {k: v for k, v in addr_lists.items()
+                             if any(t[0] == "check_from_in_list" and t[1] == k
+                                    for t in result.local_evals.values())}
+        if any(t[0] == "check_freemail_replyto" for t in result.local_evals.values()):
+            result.freemail_domains = sorted(set(d.lower() for d in freemail))
     # metas: translate those whose every reference resolves to a translated rule or meta
     from filterd.ruleset.expr import compile_expression
     remaining = dict(metas)
@@ -675,7 +859,8 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
         for name, (expression, location) in list(remaining.items()):
             refs = compile_expression(expression).references
             missing = [r for r in refs if r not in result.rules and r not in remaining
-                       and r not in result.check_symbols]
+                       and r not in result.check_symbols and r not in result.local_evals
+                       and r not in result.provided]
             if missing:
                 why = ("refers to a rule that was not translated: " if any(
                     s.name in missing for s in result.skipped) else "refers to an unknown rule: ")
@@ -694,23 +879,33 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
         entry["description"] = result.descriptions.get(name) or f"SpamAssassin rule {name}"
         entry["origin"] = (f"spamassassin {result.locations[name]}" if name in result.locations
                            else "filterd: helper of translated eval: tests")
+        if name in result.origin_notes:
+            entry["origin"] += "; " + result.origin_notes[name]
         if name in result.undefined_refs:
             entry["origin"] += ("; names no file defines, read as 0 as in SpamAssassin: "
                                 + ", ".join(result.undefined_refs[name]))
         if not name.startswith("__") and name not in result.scores:
             # SpamAssassin's default for a rule without a score line
             result.scores[name] = -1.0 if flags and "nice" in flags else 1.0
-    for name in result.check_symbols:
+    for name in [*result.check_symbols, *result.local_evals]:
         if name.startswith("__"):
             result.scores.pop(name, None)
+            continue
+        if name in result.local_evals:       # a local test: score set 0, as the pattern rules
+            if name not in result.scores:
+                flags = result.tflags.get(name) or []
+                result.scores[name] = -1.0 if "nice" in flags else 1.0
             continue
         # a DNS test only fires with network checks on: its score is SpamAssassin's score set 1
         # (network, no Bayes), not set 0 (where SpamAssassin scores network tests 0)
         score = result.net_scores.get(name, result.scores.get(name))
         flags = result.tflags.get(name) or []
         result.scores[name] = score if score is not None else (-1.0 if "nice" in flags else 1.0)
+    for name in result.provided:          # filterd's own scores for its auth symbols apply
+        result.scores.pop(name, None)
     for name in list(result.scores):
-        if name not in result.rules and name not in result.check_symbols:
+        if name not in result.rules and name not in result.check_symbols \
+                and name not in result.local_evals:
             del result.scores[name]
     return result
 
@@ -758,10 +953,31 @@ def to_toml(result: ImportResult) -> str:
         for code, symbol in entry["args"]["codes"].items():
             lines.append(f"{_toml_string(code)} = {_toml_string(symbol)}")
         lines.append("")
-    for name in result.check_symbols:
-        description = result.descriptions.get(name) or f"SpamAssassin DNS list test {name}"
+    if result.local_evals:
+        lines.append(f"[check.{LOCAL_EVAL_BINDING}]")
+        lines.append('function = "sa.evals"')
+        lines.append("description = 'SpamAssassin local eval: tests and relay pseudo-header "
+                     "rules (filterd.checks.sa_evals)'")
+        lines.append(f"[check.{LOCAL_EVAL_BINDING}.args]")
+        if result.freemail_domains:
+            lines.append(f"freemail = [{', '.join(_toml_string(d) for d in result.freemail_domains)}]")
+        lines.append(f"[check.{LOCAL_EVAL_BINDING}.args.tests]")
+        for name, test in result.local_evals.items():
+            lines.append(f"{name} = [{', '.join(_toml_string(a) for a in test)}]")
+        if result.addr_lists:
+            lines.append(f"[check.{LOCAL_EVAL_BINDING}.args.lists]")
+            for list_name, globs in result.addr_lists.items():
+                lines.append(f"{list_name} = [{', '.join(_toml_string(g) for g in globs)}]")
+        lines.append("")
+    for name in [*result.local_evals, *result.check_symbols]:
+        if name in result.local_evals:
+            description = (result.descriptions.get(name) or f"SpamAssassin rule {name}") + \
+                f" (spamassassin {result.locations.get(name, 'eval helper')})"
+        else:
+            description = (result.descriptions.get(name) or f"SpamAssassin DNS list test {name}") \
+                + " (network test)"
         lines.append(f"[symbol.{name}]")
-        lines.append(f"description = {_toml_string(description + ' (network test)')}")
+        lines.append(f"description = {_toml_string(description)}")
         lines.append("")
     lines.append("[scores]")
     for name, score in result.scores.items():
@@ -778,7 +994,7 @@ def summary(result: ImportResult) -> str:
         if kind is None:          # a helper the translation added, not a rule of the files
             continue
         per_kind.setdefault(kind, [0, 0])[1] += 1
-    for name in result.check_symbols:
+    for name in [*result.check_symbols, *result.local_evals, *result.provided]:
         kind = result.kinds.get(name)
         if kind is not None:
             per_kind.setdefault(kind, [0, 0])[1] += 1
@@ -786,5 +1002,11 @@ def summary(result: ImportResult) -> str:
     total_ok = sum(v[1] for v in per_kind.values())
     parts = [f"{kind} {ok}/{seen}" for kind, (seen, ok) in sorted(per_kind.items())]
     pct = 100.0 * total_ok / total_seen if total_seen else 0.0
+    # the kinds issue 5 measures (mimeheader rules are SpamAssassin plugin rules)
+    core = [v for k, v in per_kind.items() if k in ("header", "body", "rawbody", "full", "uri",
+                                                    "meta")]
+    core_seen, core_ok = sum(v[0] for v in core), sum(v[1] for v in core)
+    core_pct = 100.0 * core_ok / core_seen if core_seen else 0.0
     return (f"translated {total_ok} of {total_seen} rules ({pct:.1f} %): {', '.join(parts)}; "
-            f"{len(result.skipped)} not translated")
+            f"{len(result.skipped)} not translated; header/body/rawbody/full/uri/meta "
+            f"{core_ok}/{core_seen} ({core_pct:.1f} %)")

@@ -1,0 +1,629 @@
+"""SpamAssassin's local eval: tests, for rule sets imported with `filterd rules import-sa`.
+
+What it does: one check, `sa.evals`, runs the eval: tests an imported rule set names (its
+`tests` argument maps each SpamAssassin rule name to [eval name, arguments...]) over one
+message and emits the names of those that are true. It is bound only by the output of
+filterd.ruleset.sa_import, so the default rule set pays nothing for it.
+
+The evals follow SpamAssassin 4.0's Perl (Plugin::HTMLEval, HeaderEval, BodyEval, WLBLEval,
+FreeMail, VBounce, Message::Metadata::Received), rewritten from their documented behaviour:
+  check_mailfrom_matches_rcvd      the envelope sender's registered domain is that of the
+                                   first untrusted relay's rDNS (all trusted relays if none)
+  check_for_matching_env_and_hdr_from   EnvelopeFrom:addr == From:addr (case-insensitive)
+  check_for_to_in_subject(user|address) the To local part (address) in the Subject
+  check_body_length(N)             the raw body (after the header block) is at most N octets
+  check_from_in_list(LIST)         a *From address matches an enlist_addrlist (LIST) glob
+  check_freemail_replyto(replyto|reply) From and Reply-To at different freemail addresses, or
+                                   a freemail Reply-To (From) and another freemail address in
+                                   the body
+  gated_through_received_hdr_remover   no Received header (or ezmlm / groups.msn.com gating)
+  html_test / html_range / html_eval / html_image_only / html_text_match /
+  html_tag_balance / html_image_ratio   over every text/html part's inventory (HtmlInventory)
+  relay_header(NAME, pattern, flags[, negate])  a header rule on SpamAssassin's relay
+                                   pseudo-headers (X-Spam-Relays-*, with the trust boundary
+                                   inferred as SpamAssassin does when trusted_networks is unset)
+Trust boundary (sa_relays): a relay is trusted while every relay after it was trusted and its
+sending IP is private/loopback or it authenticated (SpamAssassin's inference without
+trusted_networks; the relays are read from the Received headers, newest first).
+
+Trusts: nothing in the message; every header is parsed defensively and an eval that cannot
+read what it needs is false. Settings: none (the rule set passes everything as arguments).
+Symbols: the SpamAssassin rule names given in `tests` (declared by the imported rule file);
+RULE_ERROR (options: rule, reason) for a test whose eval name or arguments are unusable (the
+other tests still run).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import fnmatch
+import html.parser
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from filterd.dns import registered_domain
+from filterd.message import MessageView
+from filterd.pipeline import Phase, ScanContext, check
+from filterd.policy import Symbol
+
+try:
+    import regex as rx
+except ImportError:  # pragma: no cover
+    rx = re  # type: ignore[assignment]
+
+
+# --- relays, as SpamAssassin's Received parser and trust inference see them ------------------
+@dataclass(frozen=True, slots=True)
+class SaRelay:
+    ip: str
+    rdns: str
+    helo: str
+    by: str
+    ident: str
+    envfrom: str
+    id: str
+    auth: str
+    trusted: bool
+
+    def as_string(self) -> str:
+        # intl mirrors trust: with neither trusted_networks nor internal_networks set,
+        # SpamAssassin treats what it infers as trusted as internal too
+        return (f"[ ip={self.ip} rdns={self.rdns} helo={self.helo} by={self.by} "
+                f"ident={self.ident} envfrom={self.envfrom} intl={int(self.trusted)} "
+                f"id={self.id} auth={self.auth} msa=0 ]")
+
+
+_IP = r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F]*:[0-9a-fA-F:.]+)"
+# "from HELO (RDNS [IP])", "from HELO (RDNS [IP] (may be forged))", "from HELO ([IP])",
+# "from HELO (HELO [IP]) (authenticated ...)" -- Postfix, sendmail, most others
+_FROM_PAREN = re.compile(r"^from\s+(\S+)\s+\((?:([^\s()\[\]]+)\s+)?\[(?:IPv6:)?(" + _IP
+                         + r")\](?::\d+)?[^)]*\)", re.I)
+# Exim: "from RDNS ([IP] helo=HELO)" or "from [IP] (helo=HELO)" or "from HELO ([IP])"
+_FROM_EXIM = re.compile(r"^from\s+(\S+)\s+\(\s*(?:(\S+)\s+)?\[(?:IPv6:)?(" + _IP
+                        + r")\](?::\d+)?(?:\s+helo=(\S+?))?\s*\)", re.I)
+_FROM_BRACKET_IP = re.compile(r"^from\s+\[(?:IPv6:)?(" + _IP + r")\](?::\d+)?"
+                              r"(?:\s+\(helo=([^)\s]+)\))?", re.I)
+# Microsoft: "from HELO (IP) by ..." (bare IP in parentheses)
+_FROM_MS = re.compile(r"^from\s+(\S+)\s+\((" + _IP + r")\)", re.I)
+_BY = re.compile(r"\bby\s+([^\s;()]+)", re.I)
+_WITH = re.compile(r"\bwith\s+([A-Za-z0-9]+)", re.I)
+_ID = re.compile(r"\bid\s+<?([^\s;<>]+)", re.I)
+_ENVFROM = re.compile(r"\(envelope-from\s+<?([^\s<>)]*)>?", re.I)
+_IDENT = re.compile(r"\(\s*([^\s@()]+)@[^\s()\[]*\s*\[", re.I)
+_AUTH_WITH = re.compile(r"(?i)e?smtps?a|lmtpa|asmtp")
+_AUTH_COMMENT = re.compile(r"\((?:authenticated|Authenticated sender:)[^)]*\)", re.I)
+# SpamAssassin's private ranges (IP_PRIVATE): RFC 1918, loopback, link-local, CGNAT and
+# the IPv6 local ranges
+_PRIVATE = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16",
+    "100.64.0.0/10", "0.0.0.0/8", "::1/128", "fc00::/7", "fe80::/10", "::/128"))
+
+
+def _private(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr.version == n.version and addr in n for n in _PRIVATE)
+
+
+def _parse_received(raw: str) -> tuple[str, str, str] | None:
+    """(ip, rdns, helo) of one Received header, or None when it names no sending IP."""
+    text = " ".join(raw.split())
+    m = _FROM_EXIM.match(text)
+    if m and m.group(4):
+        rdns_or_helo, rdns, ip, helo = m.groups()
+        return ip, rdns_or_helo if not rdns_or_helo.startswith("[") else "", helo
+    m = _FROM_PAREN.match(text)
+    if m:
+        helo, rdns, ip = m.groups()
+        rdns = rdns or ""
+        if rdns.lower() in ("unknown", "may", "helo") or "@" in rdns or "=" in rdns:
+            rdns = ""
+        return ip, rdns, helo.strip("[]") if not helo.startswith("[") else helo.strip("[]")
+    m = _FROM_BRACKET_IP.match(text)
+    if m:
+        return m.group(1), "", m.group(2) or ""
+    m = _FROM_MS.match(text)
+    if m:
+        return m.group(2), "", m.group(1)
+    return None
+
+
+def sa_relays(view: MessageView) -> list[SaRelay]:
+    """The relays of the Received headers, newest first, with SpamAssassin's inferred trust."""
+    out: list[SaRelay] = []
+    in_trusted = True
+    for raw in view.header("Received"):
+        parsed = _parse_received(raw)
+        if parsed is None:
+            continue
+        ip, rdns, helo = parsed
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            continue
+        text = " ".join(raw.split())
+        proto = _WITH.search(text)
+        auth = proto.group(1) if proto and _AUTH_WITH.fullmatch(proto.group(1)) else ""
+        if not auth and _AUTH_COMMENT.search(text):
+            auth = "Sendmail"
+        if in_trusted and not (_private(ip) or auth):
+            in_trusted = False
+        by = _BY.search(text)
+        rid = _ID.search(text)
+        envfrom = _ENVFROM.search(text)
+        ident = _IDENT.search(text)
+        out.append(SaRelay(ip=ip, rdns=rdns, helo=helo, by=by.group(1) if by else "",
+                           ident=ident.group(1) if ident else "",
+                           envfrom=envfrom.group(1) if envfrom else "",
+                           id=rid.group(1) if rid else "", auth=auth, trusted=in_trusted))
+    return out
+
+
+def relay_pseudo_header(relays: Sequence[SaRelay], name: str) -> str | None:
+    """X-Spam-Relays-{Trusted,Untrusted,Internal,External}; None when there is no relay."""
+    want_trusted = name.endswith(("-Trusted", "-Internal"))
+    chosen = [r.as_string() for r in relays if r.trusted == want_trusted]
+    return " ".join(chosen) if chosen else None
+
+
+# --- addresses ---------------------------------------------------------------------------------
+def first_addr(view: MessageView, header: str) -> str:
+    """SpamAssassin's `Header:addr`: the first address of the first such header, or ''."""
+    values = view.header_raw(header)
+    if not values:
+        return ""
+    return _addr_of(values[0])
+
+
+def _addr_of(value: str) -> str:
+    value = " ".join(value.split())
+    try:
+        pairs = email.utils.getaddresses([value])
+    except Exception:
+        pairs = []
+    for _name, addr in pairs:
+        if addr:
+            return addr.strip()
+    m = re.search(r"[^\s<>\"(),;:]+@[^\s<>\"(),;:]+", value)
+    return m.group(0) if m else value.strip().strip("<>")
+
+
+def _received_before(view: MessageView, header: str) -> bool:
+    """Whether a Received header comes before (above) the first `header` header."""
+    for name, _value in view.raw_headers:
+        low = name.lower()
+        if low == header:
+            return False
+        if low == "received":
+            return any(n.lower() == header for n, _ in view.raw_headers)
+    return False
+
+
+def envelope_from(view: MessageView, relays: Sequence[SaRelay]) -> str:
+    """SpamAssassin's EnvelopeFrom:addr without envelope_sender_header (PerMsgStatus)."""
+    if view.envelope.mail_from:
+        return view.envelope.mail_from
+    untrusted = [r for r in relays if not r.trusted]
+    trusted = [r for r in relays if r.trusted]
+    hop = untrusted[0] if untrusted else (trusted[-1] if trusted else None)
+    if hop is not None and hop.envfrom and "@" in hop.envfrom[1:]:
+        return hop.envfrom
+    x_sender = first_addr(view, "X-Sender")
+    if "@" in x_sender and any("(fetchmail" in r for r in view.header("Received")):
+        return ""
+    for header in ("x-envelope-from", "envelope-sender", "return-path"):
+        addr = first_addr(view, header)
+        if addr:
+            if _received_before(view, header):
+                if header == "x-envelope-from":
+                    return ""
+                continue
+            return addr
+    return ""
+
+
+# --- HTML inventory (HTML.pm's results) -------------------------------------------------------
+# Elements of the HTML 4.01 and XHTML 1.0 DTDs (strict and loose), as HTML.pm counts them
+HTML_ELEMENTS = frozenset((
+    "a abbr acronym address area b base bdo big blockquote body br button caption cite code "
+    "col colgroup dd del dfn div dl dt em fieldset form h1 h2 h3 h4 h5 h6 head hr html i img "
+    "input ins kbd label legend li link map meta noscript object ol optgroup option p param pre "
+    "q samp script select small span strong style sub sup table tbody td textarea tfoot th "
+    "thead title tr tt ul var applet basefont center dir font frame frameset iframe isindex "
+    "menu noframes s strike u").split())
+_NAMESPACED = re.compile(r"^(?:o|st\d):[\w-]+/?$")
+_SELF_CLOSING = re.compile(r"<(\w+)\s*/>")
+_COMMENTS = re.compile(r"<!--.*?-->|<!(?!--|\[|doctype)[^>]*>", re.S | re.I)
+
+
+@dataclass
+class HtmlInventory:
+    """What HTML.pm records for one text/html part (the keys html_* evals read)."""
+    length: int = 0                    # characters of HTML source
+    tags: int = 0
+    elements: int = 0
+    tags_seen: int = 0
+    elements_seen: int = 0
+    closed_extra: int = 0
+    inside: dict[str, int] = field(default_factory=dict)
+    comment: list[str] = field(default_factory=list)
+    anchor: list[str] = field(default_factory=list)
+    title: list[str] = field(default_factory=list)
+    image_area: int = 0
+    non_space_len: int = 0
+    flags: set[str] = field(default_factory=lambda: {"html"})
+
+    def value(self, key: str) -> Any:
+        """An HTML.pm result by name; None where HTML.pm would not set it."""
+        if key == "length":
+            return self.length
+        if key == "image_area":
+            return self.image_area
+        if key == "non_space_len":
+            return self.non_space_len
+        if key == "closed_extra_ratio":
+            return self.closed_extra / self.tags if self.tags else None
+        if key == "bad_tag_ratio":
+            return (self.tags - self.elements) / self.tags if self.tags else None
+        if key == "non_element_ratio":
+            return ((self.tags_seen - self.elements_seen) / self.tags_seen
+                    if self.tags_seen else None)
+        if key in ("comment", "anchor", "title"):
+            return getattr(self, key)
+        return 1 if key in self.flags else None
+
+
+class _InventoryParser(html.parser.HTMLParser):
+    def __init__(self, inv: HtmlInventory):
+        super().__init__(convert_charrefs=True)
+        self.inv = inv
+        self.text: list[str] = []
+
+    def _tag(self, tag: str, attrs: list[tuple[str, str | None]], num: int) -> None:
+        inv = self.inv
+        namespaced = bool(_NAMESPACED.match(tag))
+        if tag in HTML_ELEMENTS or namespaced:
+            inv.elements += 1
+            if tag not in inv.inside:
+                inv.elements_seen += 1
+        inv.tags += 1
+        if tag not in inv.inside:
+            inv.tags_seen += 1
+        inv.inside[tag] = inv.inside.get(tag, 0) + num
+        if inv.inside[tag] < 0:
+            inv.inside[tag] = 0
+            inv.closed_extra += 1
+        if namespaced or num < 0:
+            return
+        attr = {k.lower(): (v or "") for k, v in attrs}
+        if tag == "img" and inv.inside.get("a", 0) > 0 and inv.anchor:
+            inv.anchor[-1] += "<img>\n"
+        if tag == "img" and "width" in attr and "height" in attr:
+            width = _img_dimension(attr["width"], 8)
+            height = _img_dimension(attr["height"], 6)
+            inv.image_area += (width if width > 0 else 200) * (height if height > 0 else 200)
+        if tag == "form" and "mailto:" in attr.get("action", "").lower():
+            inv.flags.add("form_action_mailto")
+        if tag in ("object", "embed"):
+            inv.flags.add("embeds")
+        if tag == "a":
+            inv.anchor.append("")
+        if tag == "title":
+            inv.title.append("")
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._tag(tag, attrs, +1)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._tag(tag, attrs, +1)       # HTML::Parser reads <x a=b /> as a start tag
+
+    def handle_endtag(self, tag: str) -> None:
+        self._tag(tag, [], -1)
+
+    def handle_decl(self, decl: str) -> None:
+        if decl.lower().startswith("doctype"):
+            self.inv.elements += 1
+            self.inv.tags += 1
+            self.inv.inside["!doctype"] = 0
+
+    def handle_data(self, data: str) -> None:
+        inside = self.inv.inside
+        if inside.get("script", 0) > 0 or inside.get("style", 0) > 0:
+            return
+        if inside.get("a", 0) > 0 and self.inv.anchor:
+            self.inv.anchor[-1] += data
+        if inside.get("title", 0) > 0 and self.inv.title:
+            self.inv.title[-1] += data
+        self.text.append(data)
+
+
+def _img_dimension(value: str, percent_factor: int) -> int:
+    m = re.fullmatch(r"(\d+)(%)?", value)
+    if not m:
+        return 0
+    return int(m.group(1)) * (percent_factor if m.group(2) else 1)
+
+
+def html_inventory(source: str) -> HtmlInventory:
+    """HTML.pm's results for one text/html part (tag counts, comments, anchors, titles...)."""
+    inv = HtmlInventory(length=len(source))
+    inv.comment = _COMMENTS.findall(source)
+    text = _SELF_CLOSING.sub(r"<\1>", source.replace("&nbsp;", " "))
+    parser = _InventoryParser(inv)
+    try:
+        parser.feed(text)
+        parser.close()
+    except Exception:        # html.parser is lenient; a failure leaves what was read so far
+        pass
+    rendered = "".join(parser.text)
+    inv.non_space_len = len(rendered) - sum(1 for c in rendered if c.isspace())
+    return inv
+
+
+# --- the evals ---------------------------------------------------------------------------------
+@dataclass
+class _Message:
+    """Per-message values several evals share, computed on first use."""
+    view: MessageView
+    _relays: list[SaRelay] | None = None
+    _html: list[HtmlInventory] | None = None
+    _envfrom: str | None = None
+
+    @property
+    def relays(self) -> list[SaRelay]:
+        if self._relays is None:
+            self._relays = sa_relays(self.view)
+        return self._relays
+
+    @property
+    def html(self) -> list[HtmlInventory]:
+        if self._html is None:
+            self._html = [html_inventory(p.text) for p in self.view.parts
+                          if p.content_type == "text/html" and p.text]
+        return self._html
+
+    @property
+    def envelope_from(self) -> str:
+        if self._envfrom is None:
+            self._envfrom = _addr_of(envelope_from(self.view, self.relays))
+        return self._envfrom
+
+
+def _split_domain(domain: str) -> str:
+    return registered_domain(domain) or domain
+
+
+def mailfrom_matches_rcvd(m: _Message) -> bool:
+    sender = m.envelope_from
+    dm = re.search(r"@([^@]+\.[^@]+)$", sender)
+    if not dm:
+        return False
+    untrusted = [r for r in m.relays if not r.trusted]
+    relays = untrusted[:1] if untrusted else [r for r in m.relays if r.trusted]
+    sender_domain = _split_domain(dm.group(1).lower())
+    return any(r.rdns and _split_domain(r.rdns.lower()) == sender_domain for r in relays)
+
+
+def _body_length(view: MessageView) -> int:
+    raw = view.raw
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        i = raw.find(sep)
+        if i >= 0:
+            return len(raw) - i - len(sep)
+    return 0
+
+
+def to_in_subject(view: MessageView, how: str) -> bool:
+    full_to = first_addr(view, "To")
+    if not full_to:
+        return False
+    subject = view.first("Subject")
+    if how == "address":
+        return bool(re.search(r"\b" + re.escape(full_to) + r"\b", subject, re.I))
+    to = re.escape(full_to.split("@", 1)[0])
+    return bool(re.match(r"(?:(?:re|fw):\s*(?:\w+\s+)?" + to + r"$"
+                         r"|(?-i:" + to + r")\s*[,:;!?-](?:$|\s)"
+                         r"|" + to + r"$"
+                         r"|,\s*" + to + r"[,:;!?-]$)", subject, re.I))
+
+
+def _all_from_addrs(m: _Message) -> list[str]:
+    resent = first_addr(m.view, "Resent-From")
+    if resent:
+        return [resent]
+    addrs = [first_addr(m.view, h) for h in ("From", "Envelope-Sender", "Resent-Sender",
+                                             "X-Envelope-From")] + [m.envelope_from]
+    return list(dict.fromkeys(re.sub(r"\.+", ".", a) for a in addrs if a))
+
+
+def _glob_match(patterns: Sequence[str], addr: str) -> bool:
+    addr = addr.lower()
+    return any(fnmatch.fnmatchcase(addr, p.lower()) for p in patterns)
+
+
+_EMAIL = re.compile(r"([a-z0-9](?:[a-z0-9!#$%&'*+/=?^_`{|}~.-]{0,62}[a-z0-9!#$%&'*+/=?^_`{|}~-])?"
+                    r"@[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}"
+                    r"[a-z0-9])?)*\.[a-z]{2,})", re.I)
+_SKIP_REPLYTO_ENVFROM = re.compile(
+    r"^(?:post|host|domain)master|^double-bounce|^(?:sentto|owner|return|(?:gr)?bounced?)"
+    r"[-+]|^(?:bounce|request)s?@|^[^@]+-bounces?@|^(?:mailer|mail-daemon)@", re.I)
+
+
+class _Freemail:
+    def __init__(self, domains: Sequence[str]):
+        self.exact = {d.lower() for d in domains if "*" not in d and "?" not in d}
+        self.globs = [d.lower() for d in domains if "*" in d or "?" in d]
+
+    def __call__(self, addr: str) -> bool:
+        if "@" not in addr:
+            return False
+        domain = addr.rsplit("@", 1)[1].lower()
+        return domain in self.exact or any(fnmatch.fnmatchcase(domain, g) for g in self.globs)
+
+
+def freemail_replyto(m: _Message, what: str, is_freemail: _Freemail) -> bool:
+    envfrom = m.envelope_from
+    if envfrom and _SKIP_REPLYTO_ENVFROM.search(envfrom):
+        return False
+    from_addrs = [a.lower() for a in (first_addr(m.view, "From"),) if a]
+    replyto_addrs = [a.lower() for a in (first_addr(m.view, "Reply-To"),) if a]
+    from_fm = any(is_freemail(a) for a in from_addrs)
+    replyto_fm = any(is_freemail(a) for a in replyto_addrs)
+    from_not_in_replyto = not any(a in replyto_addrs for a in from_addrs)
+    if from_fm and replyto_fm and from_not_in_replyto:
+        return True
+    if what == "replyto" and not replyto_fm:
+        return False
+    if what == "reply" and (replyto_addrs and not replyto_fm or not from_fm):
+        return False
+    body_emails: list[str] = []
+    for url in m.view.urls:
+        if url.lower().startswith("mailto:"):
+            found = _EMAIL.match(url[7:])
+            if found and found.group(1).lower() not in body_emails:
+                body_emails.append(found.group(1).lower())
+    for text in m.view.plain_texts:
+        text = re.sub(r"<?https?://\S{0,255}(?:@|%40)\S{0,255}", " ", text, flags=re.I)
+        for found in _EMAIL.finditer(text):
+            email_addr = found.group(1).lower()
+            if email_addr not in body_emails:
+                body_emails.append(email_addr)
+    body_fm = [e for e in body_emails[:5] if is_freemail(e)][:3]
+    reply = replyto_addrs if what == "replyto" or replyto_fm else from_addrs
+    return any(b != r for b in body_fm for r in reply)
+
+
+def _html_any(m: _Message, predicate: Any) -> bool:
+    return any(predicate(inv) for inv in m.html)
+
+
+def _compare(value: float, expr: str) -> bool:
+    """HTMLEval's `$val $expr` for expressions like '< 384', '!= 0', '>= 2'."""
+    em = re.fullmatch(r"\s*(==|!=|<=|>=|<|>)\s*([-+]?\d+)\s*", expr)
+    if not em:
+        raise ValueError(f"unsupported comparison {expr!r}")
+    op, number = em.group(1), float(em.group(2))
+    return {"==": value == number, "!=": value != number, "<=": value <= number,
+            ">=": value >= number, "<": value < number, ">": value > number}[op]
+
+
+def _in_range(value: Any, low: str, high: str) -> bool:
+    if high in ("", "inf"):
+        return float(value) > float(low)
+    return float(low) < float(value) <= float(high)
+
+
+def run_test(m: _Message, test: Sequence[str], data: Mapping[str, Any]) -> bool:
+    """One eval: test, [name, args...], over the message."""
+    name, args = test[0], list(test[1:])
+    view = m.view
+    if name == "check_mailfrom_matches_rcvd":
+        return mailfrom_matches_rcvd(m)
+    if name == "check_for_matching_env_and_hdr_from":
+        return m.envelope_from.lower() == first_addr(view, "From").lower()
+    if name == "check_for_to_in_subject":
+        return to_in_subject(view, args[0])
+    if name == "check_body_length":
+        return _body_length(view) <= int(args[0])
+    if name == "check_from_in_list":
+        patterns = data.get("lists", {}).get(args[0], [])
+        return any(_glob_match(patterns, a) for a in _all_from_addrs(m))
+    if name == "check_freemail_replyto":
+        return freemail_replyto(m, args[0] if args else "replyto",
+                                data["freemail_matcher"])
+    if name == "gated_through_received_hdr_remover":
+        received = view.header("Received")
+        mailing_list = "\n".join(view.header("Mailing-List"))
+        if re.search(r"^contact \S+@\S+; run by ezmlm$", mailing_list, re.M):
+            if re.search(r"^mailing list \S+@\S+", "\n".join(view.header("Delivered-To")),
+                         re.M) and re.search(r"qmail \d+ invoked (?:from network|by .{3,20})\);"
+                                             r" \d+ ... \d+", "\n".join(received)):
+                return True
+        if not received:
+            return True
+        return any(re.search(r"from groups\.msn\.com \(\S+\.msn\.com ", r) for r in received)
+    if name == "html_test":
+        return _html_any(m, lambda inv: inv.value(args[0]))
+    if name == "html_range":
+        key, low, high = args[0], args[1], (args[2] if len(args) > 2 else "inf")
+        return _html_any(m, lambda inv: inv.value(key) is not None
+                         and _in_range(inv.value(key), low, high))
+    if name == "html_eval":
+        return _html_any(m, lambda inv: inv.value(args[0]) is not None
+                         and _compare(float(inv.value(args[0])), args[1]))
+    if name == "html_image_only":
+        low, high = float(args[0]), float(args[1])
+        return _html_any(m, lambda inv: "img" in inv.inside and low < inv.length <= high)
+    if name == "html_image_ratio":
+        low, high = float(args[0]), float(args[1])
+        return _html_any(m, lambda inv: inv.image_area > 0
+                         and low < inv.non_space_len / inv.image_area <= high)
+    if name == "html_tag_balance":
+        return _html_any(m, lambda inv: args[0] in inv.inside
+                         and _compare(inv.inside[args[0]], args[1]))
+    if name == "html_text_match":
+        pattern = rx.compile(args[1])
+        return _html_any(m, lambda inv: any(pattern.search(s) for s in inv.value(args[0]) or ()))
+    if name == "relay_header":
+        header, pattern, flags = args[0], args[1], args[2] if len(args) > 2 else ""
+        negate = len(args) > 3 and args[3] == "negate"
+        # an absent pseudo-header reads as '' (SpamAssassin matches the empty string)
+        value = relay_pseudo_header(m.relays, header) or ""
+        compiled = rx.compile(pattern, (rx.I if "i" in flags else 0) | (rx.S if "s" in flags
+                              else 0) | (rx.M if "m" in flags else 0)
+                              | (rx.X if "x" in flags else 0))
+        return bool(compiled.search(value)) != negate
+    raise ValueError(f"unknown SpamAssassin eval {name!r}")
+
+
+# Evals this module implements, with the arguments each accepts (sa_import checks a rule's call
+# against this before binding it)
+IMPLEMENTED = {
+    "check_mailfrom_matches_rcvd", "check_for_matching_env_and_hdr_from",
+    "check_for_to_in_subject", "check_body_length", "check_from_in_list",
+    "check_freemail_replyto", "gated_through_received_hdr_remover", "html_test", "html_range",
+    "html_eval", "html_image_only", "html_image_ratio", "html_tag_balance", "html_text_match",
+}
+HTML_VALUES = {"length", "closed_extra_ratio", "bad_tag_ratio", "non_element_ratio",
+               "image_area", "non_space_len"}
+HTML_FLAGS = {"html", "embeds", "form_action_mailto"}
+HTML_TEXTS = {"comment", "anchor", "title"}
+
+
+def evaluate(view: MessageView, tests: Mapping[str, Sequence[str]],
+             lists: Mapping[str, Sequence[str]] | None = None,
+             freemail: Sequence[str] = ()) -> list[str]:
+    """The names of `tests` ({rule: [eval, args...]}) that are true for the message."""
+    return evaluate_with_errors(view, tests, lists, freemail)[0]
+
+
+def evaluate_with_errors(view: MessageView, tests: Mapping[str, Sequence[str]],
+                         lists: Mapping[str, Sequence[str]] | None = None,
+                         freemail: Sequence[str] = ()) -> tuple[list[str], list[tuple[str, str]]]:
+    """(true test names, [(test name, error)]): one broken test never hides the others."""
+    m = _Message(view)
+    data: dict[str, Any] = {"lists": lists or {}, "freemail_matcher": _Freemail(freemail)}
+    hits: list[str] = []
+    errors: list[tuple[str, str]] = []
+    for name, test in tests.items():
+        try:
+            if run_test(m, test, data):
+                hits.append(name)
+        except Exception as exc:     # a bad argument or regex in the rule file, not the mail
+            errors.append((name, f"{type(exc).__name__}: {exc}"))
+    return hits, errors
+
+
+@check("sa.evals", phase=Phase.MAIN, symbols=("RULE_ERROR",))
+def sa_evals(msg: MessageView, ctx: ScanContext, *, tests: Mapping[str, Sequence[str]],
+             lists: Mapping[str, Sequence[str]] | None = None,
+             freemail: Sequence[str] = ()) -> list[Symbol]:
+    hits, errors = evaluate_with_errors(msg, tests, lists, freemail)
+    return ([Symbol(name) for name in hits]
+            + [Symbol("RULE_ERROR", (name, reason)) for name, reason in errors])

@@ -1,0 +1,176 @@
+"""SpamAssassin local eval: tests (filterd.checks.sa_evals) and their import as one binding."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from filterd.checks import sa_evals
+from filterd.config import PROJECT_RULES
+from filterd.message import parse
+from filterd.pipeline import ScanContext, scan, validate_bindings
+from filterd.ruleset import fit, load, sa_import
+
+RELAYED = (b"Received: from mx.example.net (mx.example.net [10.0.0.5]) by inbox.example.net"
+           b" with ESMTP id AA1\n"
+           b"Received: from smtp.shop.example (out-7.mail.shop.example [203.0.113.7])"
+           b" by mx.example.net (Postfix) with ESMTP id BB2 (envelope-from <news@shop.example>)\n"
+           b"Received: from pc ([198.51.100.9]) by out-7.mail.shop.example with SMTP id CC3\n"
+           b"Return-Path: <other@elsewhere.example>\n"
+           b"From: Shop <NEWS@shop.example>\nTo: Bob <bob@example.net>\n"
+           b"Subject: bob, your order\n\nhello\n")
+
+
+def test_relays_infer_trust_from_private_ips_and_authentication():
+    relays = sa_evals.sa_relays(parse(RELAYED))
+    assert [(r.ip, r.trusted) for r in relays] == [
+        ("10.0.0.5", True), ("203.0.113.7", False), ("198.51.100.9", False)]
+    assert relays[1].rdns == "out-7.mail.shop.example" and relays[1].helo == "smtp.shop.example"
+    assert relays[1].envfrom == "news@shop.example" and relays[2].rdns == ""
+    untrusted = sa_evals.relay_pseudo_header(relays, "X-Spam-Relays-Untrusted")
+    assert untrusted.startswith("[ ip=203.0.113.7 rdns=out-7.mail.shop.example "
+                                "helo=smtp.shop.example by=mx.example.net ")
+    assert "intl=0" in untrusted and "[ ip=198.51.100.9 rdns= helo=pc " in untrusted
+    assert sa_evals.relay_pseudo_header(relays, "X-Spam-Relays-Internal").startswith(
+        "[ ip=10.0.0.5 rdns=mx.example.net ")
+    # a public hop that authenticated extends the trust boundary (SpamAssassin's inference)
+    authed = parse(b"Received: from laptop (dsl.isp.example [192.0.2.1]) by mx.example.net"
+                   b" with ESMTPSA id ZZ\nSubject: x\n\nx\n")
+    assert sa_evals.sa_relays(authed)[0].trusted and sa_evals.sa_relays(authed)[0].auth
+    assert sa_evals.sa_relays(parse(b"Received: garbage\nSubject: x\n\nx\n")) == []
+
+
+def test_envelope_from_and_header_evals():
+    view = parse(RELAYED)
+    tests = {"RP_MATCH": ["check_mailfrom_matches_rcvd"],
+             "ENV_EQ_FROM": ["check_for_matching_env_and_hdr_from"],
+             "USER_IN_SUBJ": ["check_for_to_in_subject", "user"],
+             "SHORT_BODY": ["check_body_length", "6"],
+             "SHORTER_BODY": ["check_body_length", "5"],
+             "NO_RCVD": ["gated_through_received_hdr_remover"]}
+    # the last untrusted relay's envelope-from wins over a Return-Path
+    assert sa_evals.envelope_from(view, sa_evals.sa_relays(view)) == "news@shop.example"
+    assert set(sa_evals.evaluate(view, tests)) == {"RP_MATCH", "ENV_EQ_FROM", "USER_IN_SUBJ",
+                                                   "SHORT_BODY"}
+    other = parse(b"Return-Path: <a@b.example>\nFrom: c@d.example\nTo: x@y.example\n"
+                  b"Subject: hello x\n\nhi\n")
+    assert sa_evals.evaluate(other, tests) == ["SHORT_BODY", "SHORTER_BODY", "NO_RCVD"]
+    # a Return-Path below a Received header is not the envelope sender
+    late = parse(b"Received: from a (a [192.0.2.3]) by b with SMTP id Q\n"
+                 b"Return-Path: <a@b.example>\nFrom: a@b.example\nSubject: s\n\nhi\n")
+    assert sa_evals.evaluate(late, {"E": ["check_for_matching_env_and_hdr_from"]}) == []
+
+
+def test_from_in_list_and_freemail_replyto():
+    lists = {"BANKS": ["*@*.bank.example", "*@bank.example"]}
+    freemail = ["freemail.example", "*.webmail.example"]
+    tests = {"FROM_BANK": ["check_from_in_list", "BANKS"],
+             "FM_REPLYTO": ["check_freemail_replyto", "replyto"]}
+    bank = parse(b"From: Bank <alerts@secure.bank.example>\nReply-To: a@freemail.example\n"
+                 b"Subject: s\n\nwrite to b@x.webmail.example\n")
+    assert sa_evals.evaluate(bank, tests, lists, freemail) == ["FROM_BANK", "FM_REPLYTO"]
+    both = parse(b"From: a@freemail.example\nReply-To: b@freemail.example\nSubject: s\n\nhi\n")
+    assert sa_evals.evaluate(both, tests, lists, freemail) == ["FM_REPLYTO"]
+    same = parse(b"From: a@freemail.example\nReply-To: A@freemail.example\nSubject: s\n\nhi\n")
+    assert sa_evals.evaluate(same, tests, lists, freemail) == []
+
+
+HTML_MAIL = (b"From: a@b.example\nSubject: s\nContent-Type: text/html\n\n"
+             b"<html><head><title>Hello there</title></head><body><!-- saved --><!x>"
+             b"<a href='http://x.example/'><img src='a.gif' width=100 height=50></a>"
+             b"<blink>hi</blink></body></html></html>\n")
+
+
+def test_html_inventory_evals():
+    inv = sa_evals.html_inventory(HTML_MAIL.split(b"\n\n", 1)[1].decode())
+    assert inv.inside["img"] == 1 and inv.inside["html"] == 0 and inv.closed_extra == 1
+    assert inv.comment == ["<!-- saved -->", "<!x>"] and inv.title == ["Hello there"]
+    assert inv.anchor == ["<img>\n"] and inv.image_area == 5000
+    assert inv.value("bad_tag_ratio") == pytest.approx(2 / inv.tags)     # <blink> twice
+    view = parse(HTML_MAIL)
+    tests = {"HTML_MESSAGE": ["html_test", "html"],
+             "IMG_ONLY": ["html_image_only", "0", "400"],
+             "IMG_ONLY_BIG": ["html_image_only", "400", "800"],
+             "LEN_LT_384": ["html_eval", "length", "< 384"],
+             "LINK_IMAGE": ["html_text_match", "anchor", "<img>"],
+             "SHORT_COMMENT": ["html_text_match", "comment", "<!(?!-).{0,6}>"],
+             "EXTRA_CLOSE": ["html_range", "closed_extra_ratio", "0.05", "inf"],
+             "BODY_BALANCED": ["html_tag_balance", "body", "== 0"],
+             "EMBEDS": ["html_test", "embeds"]}
+    assert set(sa_evals.evaluate(view, tests)) == set(tests) - {"IMG_ONLY_BIG", "EMBEDS"}
+    plain = parse(b"Subject: s\n\n<img src=x>\n")
+    assert sa_evals.evaluate(plain, tests) == []
+
+
+def test_relay_header_rules_and_a_broken_test_is_a_rule_error():
+    view = parse(RELAYED)
+    tests = {"NO_RDNS": ["relay_header", "X-Spam-Relays-Untrusted", r"^\[ ip=\S+ rdns= ", "", ""],
+             "LAST_EXT_NAMED": ["relay_header", "X-Spam-Relays-External",
+                                r"^\[ ip=\S+ rdns=out-7", "", ""],
+             "NOT_TRUSTED_X": ["relay_header", "X-Spam-Relays-Trusted", "nothing", "", "negate"],
+             "BROKEN": ["no_such_eval"]}
+    hits, errors = sa_evals.evaluate_with_errors(view, tests)
+    assert hits == ["LAST_EXT_NAMED", "NOT_TRUSTED_X"]
+    assert errors and errors[0][0] == "BROKEN"
+
+
+CF = textwrap.dedent(r"""
+    freemail_domains freemail.example
+    enlist_addrlist (BANKS) *@bank.example
+    header __RP_MATCHES_RCVD   eval:check_mailfrom_matches_rcvd()
+    header LOC_IN_LIST         eval:check_from_in_list('BANKS')
+    header LOC_MISSING_LIST    eval:check_from_in_list('NOPE')
+    header LOC_FM_REPLY        eval:check_freemail_replyto('replyto')
+    body   LOC_COMMENT_SHORT   eval:html_text_match('comment', '<!(?!-).{0,6}>')
+    body   LOC_FONT_BIG        eval:html_range('max_size', '6', 'inf')
+    body   LOC_BOUNCE          eval:have_any_bounce_relays()
+    header LOC_NO_RDNS         X-Spam-Relays-Untrusted =~ /^\[ ip=\S+ rdns= /
+    meta   LOC_META            __RP_MATCHES_RCVD && !LOC_BOUNCE
+    score  LOC_IN_LIST 2.5
+""")
+
+
+def test_import_binds_local_evals_and_the_pipeline_runs_them(tmp_path: Path):
+    cf = tmp_path / "local.cf"
+    cf.write_text(CF)
+    result = sa_import.import_files([cf])
+    assert result.local_evals["LOC_IN_LIST"] == ["check_from_in_list", "BANKS"]
+    assert result.local_evals["LOC_COMMENT_SHORT"][0] == "html_text_match"
+    assert result.local_evals["LOC_NO_RDNS"][:2] == ["relay_header", "X-Spam-Relays-Untrusted"]
+    assert result.rules["LOC_BOUNCE"] == {"kind": "meta", "expression": "0",
+                                          "description": "SpamAssassin rule LOC_BOUNCE",
+                                          "origin": f"spamassassin {cf}:10; false: no "
+                                          "welcomelist_bounce_relays lines were read, as in "
+                                          "SpamAssassin"}
+    skipped = {s.name: s.reason for s in result.skipped}
+    assert "no enlist_addrlist (NOPE)" in skipped["LOC_MISSING_LIST"]
+    assert "max_size" in skipped["LOC_FONT_BIG"]
+    assert "LOC_META" in result.rules and result.scores["LOC_IN_LIST"] == 2.5
+    assert "__RP_MATCHES_RCVD" not in result.scores
+    assert "translated 7 of 9 rules" in sa_import.summary(result)
+
+    site = tmp_path / "site"
+    (site / "local.d").mkdir(parents=True)
+    (site / "local.d" / "sa.toml").write_text(sa_import.to_toml(result))
+    ruleset = load(PROJECT_RULES, site)
+    validate_bindings(ruleset)
+    binding = next(b for b in ruleset.bindings if b.name == sa_import.LOCAL_EVAL_BINDING)
+    assert binding.function == "sa.evals" and binding.args["lists"] == {"BANKS": ["*@bank.example"]}
+
+    message = (b"Received: from smtp.bank.example (mail.bank.example [203.0.113.7]) by mx.local"
+               b" with ESMTP id A1 (envelope-from <x@bank.example>)\n"
+               b"From: x@bank.example\nSubject: s\n\nhello\n")
+    settings = fit.make_settings(None)
+    ctx = ScanContext(settings=settings, ruleset=ruleset)
+    outcome = asyncio.run(scan(parse(message), ctx, skip_network=True))
+    names = {s.name for s in outcome.symbols}
+    assert {"LOC_IN_LIST", "__RP_MATCHES_RCVD", "LOC_META"} <= names
+    assert "LOC_NO_RDNS" not in names and "RULE_ERROR" not in names
+
+
+def test_the_default_rule_set_binds_no_sa_evals():
+    ruleset = load(PROJECT_RULES, None)
+    assert not [b for b in ruleset.bindings if b.function == "sa.evals"]
