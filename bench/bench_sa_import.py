@@ -171,7 +171,9 @@ def main() -> int:
                 view, result.local_evals, result.addr_lists, result.freemail_domains)
             if eval_errors:
                 print(f"  {sample.path}: eval errors {eval_errors[:3]}", flush=True)
-            metas, _ = engine.evaluate_metas({n: 1.0 for n in [*match.hits, *evals]})
+            values = {n: 1.0 for n in match.hits}
+            values.update({n: float(v) for n, v in evals.items()})   # counts of `multiple`
+            metas, _ = engine.evaluate_metas(values)
             ours = (set(match.hits) | set(evals) | set(metas)) & compared
             if ours == theirs:
                 agree += 1

@@ -22,6 +22,12 @@ FreeMail, VBounce, Message::Metadata::Received), rewritten from their documented
   relay_header(NAME, pattern, flags[, negate])  a header rule on SpamAssassin's relay
                                    pseudo-headers (X-Spam-Relays-*, with the trust boundary
                                    inferred as SpamAssassin does when trusted_networks is unset)
+                                   and on ALL-TRUSTED/-INTERNAL/-UNTRUSTED/-EXTERNAL (the header
+                                   block above / from the first untrusted relay's Received)
+  count(KIND, pattern, flags, maxhits[, header])  a `tflags multiple` rule: how many times it
+                                   matches the text SpamAssassin gives that kind of rule (body:
+                                   Subject line + one line per rendered paragraph; rawbody:
+                                   decoded parts in ~2 KB chunks), so metas can compare counts
 Trust boundary (sa_relays): a relay is trusted while every relay after it was trusted and its
 sending IP is private/loopback or it authenticated (SpamAssassin's inference without
 trusted_networks; the relays are read from the Received headers, newest first).
@@ -66,6 +72,7 @@ class SaRelay:
     id: str
     auth: str
     trusted: bool
+    index: int = 0          # position of its Received header (0 = topmost)
 
     def as_string(self) -> str:
         # intl mirrors trust: with neither trusted_networks nor internal_networks set,
@@ -85,6 +92,8 @@ _FROM_EXIM = re.compile(r"^from\s+(\S+)\s+\(\s*(?:(\S+)\s+)?\[(?:IPv6:)?(" + _IP
                         + r")\](?::\d+)?(?:\s+helo=(\S+?))?\s*\)", re.I)
 _FROM_BRACKET_IP = re.compile(r"^from\s+\[(?:IPv6:)?(" + _IP + r")\](?::\d+)?"
                               r"(?:\s+\(helo=([^)\s]+)\))?", re.I)
+# fetchmail and others: "from HELO [IP] by ..."
+_FROM_HOST_BRACKET_IP = re.compile(r"^from\s+([^\s\[]\S*)\s+\[(?:IPv6:)?(" + _IP + r")\]", re.I)
 # Microsoft: "from HELO (IP) by ..." (bare IP in parentheses)
 _FROM_MS = re.compile(r"^from\s+(\S+)\s+\((" + _IP + r")\)", re.I)
 _BY = re.compile(r"\bby\s+([^\s;()]+)", re.I)
@@ -121,13 +130,16 @@ def _parse_received(raw: str) -> tuple[str, str, str] | None:
     m = _FROM_PAREN.match(text)
     if m:
         helo, rdns, ip = m.groups()
-        rdns = rdns or ""
-        if rdns.lower() in ("unknown", "may", "helo") or "@" in rdns or "=" in rdns:
+        rdns = (rdns or "").rpartition("@")[2]       # "ident@rdns": the ident is not the name
+        if rdns.lower() in ("unknown", "may", "helo") or "=" in rdns:
             rdns = ""
         return ip, rdns, helo.strip("[]") if not helo.startswith("[") else helo.strip("[]")
     m = _FROM_BRACKET_IP.match(text)
     if m:
         return m.group(1), "", m.group(2) or ""
+    m = _FROM_HOST_BRACKET_IP.match(text)
+    if m:
+        return m.group(2), "", m.group(1)
     m = _FROM_MS.match(text)
     if m:
         return m.group(2), "", m.group(1)
@@ -138,7 +150,7 @@ def sa_relays(view: MessageView) -> list[SaRelay]:
     """The relays of the Received headers, newest first, with SpamAssassin's inferred trust."""
     out: list[SaRelay] = []
     in_trusted = True
-    for raw in view.header("Received"):
+    for index, raw in enumerate(view.header("Received")):
         parsed = _parse_received(raw)
         if parsed is None:
             continue
@@ -161,8 +173,29 @@ def sa_relays(view: MessageView) -> list[SaRelay]:
         out.append(SaRelay(ip=ip, rdns=rdns, helo=helo, by=by.group(1) if by else "",
                            ident=ident.group(1) if ident else "",
                            envfrom=envfrom.group(1) if envfrom else "",
-                           id=rid.group(1) if rid else "", auth=auth, trusted=in_trusted))
+                           id=rid.group(1) if rid else "", auth=auth, trusted=in_trusted,
+                           index=index))
     return out
+
+
+def headers_below_trust(view: MessageView, relays: Sequence[SaRelay], which: str) -> str | None:
+    """SpamAssassin's ALL-TRUSTED/ALL-INTERNAL (the header block above the first untrusted
+    relay's Received header) or ALL-UNTRUSTED/ALL-EXTERNAL (from that header down); None when
+    empty. Lines are `Name: value` with folded values unfolded."""
+    first_untrusted = next((r.index for r in relays if not r.trusted), None)
+    boundary = first_untrusted if first_untrusted is not None else len(view.header("Received"))
+    upper = which in ("ALL-TRUSTED", "ALL-INTERNAL")
+    received_seen = -1
+    lines: list[str] = []
+    for name, value in view.raw_headers:
+        if name.lower() == "received":
+            received_seen += 1
+        below = received_seen >= boundary
+        if upper and below and not (name.lower() == "received" and received_seen == boundary):
+            break
+        if upper or below:
+            lines.append(f"{name}: {' '.join(value.split())}\n")
+    return "".join(lines) or None
 
 
 def relay_pseudo_header(relays: Sequence[SaRelay], name: str) -> str | None:
@@ -237,6 +270,17 @@ HTML_ELEMENTS = frozenset((
     "q samp script select small span strong style sub sup table tbody td textarea tfoot th "
     "thead title tr tt ul var applet basefont center dir font frame frameset iframe isindex "
     "menu noframes s strike u").split())
+# rendered but not counted as valid elements
+HTML_TRICKS = frozenset(("bgsound", "embed", "listing", "plaintext", "xmp"))
+# elements whose start and end insert whitespace into the rendered text, and how much
+_WHITESPACE_OF = {**{t: "\n" for t in ("br", "div")},
+                  **{t: " " for t in ("li", "th", "td", "dt", "dd", "embed", "h1", "h2", "h3",
+                                      "h4", "h5", "h6")},
+                  **{t: "\n\n" for t in ("p", "hr", "blockquote", "pre", "listing",
+                                         "plaintext", "xmp", "title")}}
+_PUNCT_OR_SPACE = r"\s\x21-\x2f\x3a-\x40\x5b-\x60\x7b-\x7e"
+_WORD_START = re.compile(rf"^[^{_PUNCT_OR_SPACE}]", re.S)
+_WORD_END = re.compile(rf"[^{_PUNCT_OR_SPACE}]\Z", re.S)
 _NAMESPACED = re.compile(r"^(?:o|st\d):[\w-]+/?$")
 _SELF_CLOSING = re.compile(r"<(\w+)\s*/>")
 _COMMENTS = re.compile(r"<!--.*?-->|<!(?!--|\[|doctype)[^>]*>", re.S | re.I)
@@ -257,6 +301,8 @@ class HtmlInventory:
     title: list[str] = field(default_factory=list)
     image_area: int = 0
     non_space_len: int = 0
+    obfuscation: int = 0
+    rendered: str = ""
     flags: set[str] = field(default_factory=lambda: {"html"})
 
     def value(self, key: str) -> Any:
@@ -271,6 +317,8 @@ class HtmlInventory:
             return self.closed_extra / self.tags if self.tags else None
         if key == "bad_tag_ratio":
             return (self.tags - self.elements) / self.tags if self.tags else None
+        if key == "obfuscation_ratio":
+            return self.obfuscation / self.tags if self.tags and self.obfuscation else None
         if key == "non_element_ratio":
             return ((self.tags_seen - self.elements_seen) / self.tags_seen
                     if self.tags_seen else None)
@@ -283,7 +331,19 @@ class _InventoryParser(html.parser.HTMLParser):
     def __init__(self, inv: HtmlInventory):
         super().__init__(convert_charrefs=True)
         self.inv = inv
-        self.text: list[str] = []
+        self.text: list[str] = []            # rendered pieces, as HTML.pm's display_text
+        self.whitespace: list[bool] = []     # which pieces are inserted whitespace
+
+    def _display(self, text: str, whitespace: bool) -> None:
+        if whitespace:
+            if self.text and not self.whitespace[-1] and self.text[-1].endswith(" "):
+                self.text[-1] = self.text[-1][:-1]
+        else:
+            text = re.sub(r"[ \t\n\r\f\x0b]+|\xa0", " ", text)
+            if self.text and self.whitespace[-1] and text.startswith(" "):
+                text = text[1:]
+        self.text.append(text)
+        self.whitespace.append(whitespace)
 
     def _tag(self, tag: str, attrs: list[tuple[str, str | None]], num: int) -> None:
         inv = self.inv
@@ -299,6 +359,8 @@ class _InventoryParser(html.parser.HTMLParser):
         if inv.inside[tag] < 0:
             inv.inside[tag] = 0
             inv.closed_extra += 1
+        if tag in _WHITESPACE_OF and (tag in HTML_ELEMENTS or tag in HTML_TRICKS):
+            self._display(_WHITESPACE_OF[tag], True)
         if namespaced or num < 0:
             return
         attr = {k.lower(): (v or "") for k, v in attrs}
@@ -340,7 +402,9 @@ class _InventoryParser(html.parser.HTMLParser):
             self.inv.anchor[-1] += data
         if inside.get("title", 0) > 0 and self.inv.title:
             self.inv.title[-1] += data
-        self.text.append(data)
+        if self.text and _WORD_START.search(data) and _WORD_END.search(self.text[-1]):
+            self.inv.obfuscation += 1        # a word split by a tag: "V<b></b>iagra"
+        self._display(data, False)
 
 
 def _img_dimension(value: str, percent_factor: int) -> int:
@@ -361,9 +425,85 @@ def html_inventory(source: str) -> HtmlInventory:
         parser.close()
     except Exception:        # html.parser is lenient; a failure leaves what was read so far
         pass
-    rendered = "".join(parser.text)
+    rendered = inv.rendered = "".join(parser.text)
     inv.non_space_len = len(rendered) - sum(1 for c in rendered if c.isspace())
     return inv
+
+
+# --- texts as SpamAssassin presents them to rules that count their matches ----------------------
+MAX_BODY_LINE_LENGTH = 2048
+
+
+def sa_body_lines(view: MessageView) -> list[str]:
+    """The lines `body` rules run on: the Subject line, then one line per paragraph of the
+    rendered text parts, whitespace runs squeezed to one space (Message::get_body_text_array)."""
+    rendered = []
+    for part in view.text_parts:
+        if part.content_type == "text/html":
+            rendered.append(html_inventory(part.text).rendered if part.text else "")
+        elif part.content_type == "text/plain":
+            rendered.append(part.text)
+    text = "\n".join(rendered)
+    text = re.sub(r"\n+\s*\n+", "\x00", text)
+    text = re.sub(r"\s+", " ", text).replace("\x00", "\n")
+    subject = view.first("Subject")
+    lines: list[str] = []
+    for line in ((subject + "\n" if subject else "\n") + text).splitlines(keepends=True):
+        while len(line) > MAX_BODY_LINE_LENGTH:
+            cut = line.rfind(" ", 0, MAX_BODY_LINE_LENGTH) + 1 or MAX_BODY_LINE_LENGTH
+            lines.append(line[:cut])
+            line = line[cut:]
+        lines.append(line)
+    return lines
+
+
+def sa_rawbody_chunks(view: MessageView) -> list[str]:
+    """What `rawbody` rules run on: each decoded text part, in chunks of about 2 KB cut after
+    a newline (Message::split_into_array_of_short_paragraphs, simplified)."""
+    chunks: list[str] = []
+    for part in view.text_parts:
+        text = part.text
+        while len(text) > 2 * MAX_BODY_LINE_LENGTH:
+            cut = text.find("\n", MAX_BODY_LINE_LENGTH)
+            if cut < 0 or cut + 1 > 2 * MAX_BODY_LINE_LENGTH:
+                cut = 2 * MAX_BODY_LINE_LENGTH - 1
+            chunks.append(text[:cut + 1])
+            text = text[cut + 1:]
+        chunks.append(text)
+    return chunks
+
+
+def _regex_flags(flags: str) -> int:
+    return ((rx.I if "i" in flags else 0) | (rx.S if "s" in flags else 0)
+            | (rx.M if "m" in flags else 0) | (rx.X if "x" in flags else 0))
+
+
+def count_matches(m: "_Message", kind: str, pattern: str, flags: str, maxhits: int,
+                  header: str = "") -> int:
+    """How many times a `tflags multiple` rule matches, up to maxhits (0: no limit); metas
+    compare that count (`__BODY_TEXT_LINE < 3`)."""
+    view = m.view
+    if kind == "body":
+        texts = m.body_lines
+    elif kind == "rawbody":
+        texts = sa_rawbody_chunks(view)
+    elif kind == "uri":
+        texts = list(view.urls)
+    elif kind == "full":
+        texts = [view.raw.decode("utf-8", "replace")]
+    elif kind == "header":
+        values = view.header(header)
+        texts = ["\n".join(values) + "\n"] if values else []
+    else:
+        raise ValueError(f"count of {kind} rules is not supported")
+    compiled = rx.compile(pattern, _regex_flags(flags))
+    hits = 0
+    for text in texts:
+        for _match in compiled.finditer(text):
+            hits += 1
+            if maxhits and hits >= maxhits:
+                return hits
+    return hits
 
 
 # --- the evals ---------------------------------------------------------------------------------
@@ -374,6 +514,13 @@ class _Message:
     _relays: list[SaRelay] | None = None
     _html: list[HtmlInventory] | None = None
     _envfrom: str | None = None
+    _body_lines: list[str] | None = None
+
+    @property
+    def body_lines(self) -> list[str]:
+        if self._body_lines is None:
+            self._body_lines = sa_body_lines(self.view)
+        return self._body_lines
 
     @property
     def relays(self) -> list[SaRelay]:
@@ -519,9 +666,17 @@ def _in_range(value: Any, low: str, high: str) -> bool:
     return float(low) < float(value) <= float(high)
 
 
-def run_test(m: _Message, test: Sequence[str], data: Mapping[str, Any]) -> bool:
-    """One eval: test, [name, args...], over the message."""
+def run_test(m: _Message, test: Sequence[str], data: Mapping[str, Any]) -> int:
+    """One eval: test, [name, args...], over the message: 0 when false, else its value (1, or
+    the match count of a `count` test)."""
     name, args = test[0], list(test[1:])
+    if name == "count":
+        return count_matches(m, args[0], args[1], args[2], int(args[3] or 0),
+                             args[4] if len(args) > 4 else "")
+    return int(bool(_run_bool(m, name, args, data)))
+
+
+def _run_bool(m: _Message, name: str, args: list[str], data: Mapping[str, Any]) -> bool:
     view = m.view
     if name == "check_mailfrom_matches_rcvd":
         return mailfrom_matches_rcvd(m)
@@ -574,11 +729,11 @@ def run_test(m: _Message, test: Sequence[str], data: Mapping[str, Any]) -> bool:
         header, pattern, flags = args[0], args[1], args[2] if len(args) > 2 else ""
         negate = len(args) > 3 and args[3] == "negate"
         # an absent pseudo-header reads as '' (SpamAssassin matches the empty string)
-        value = relay_pseudo_header(m.relays, header) or ""
-        compiled = rx.compile(pattern, (rx.I if "i" in flags else 0) | (rx.S if "s" in flags
-                              else 0) | (rx.M if "m" in flags else 0)
-                              | (rx.X if "x" in flags else 0))
-        return bool(compiled.search(value)) != negate
+        if header.startswith("ALL-"):
+            value = headers_below_trust(view, m.relays, header) or ""
+        else:
+            value = relay_pseudo_header(m.relays, header) or ""
+        return bool(rx.compile(pattern, _regex_flags(flags)).search(value)) != negate
     raise ValueError(f"unknown SpamAssassin eval {name!r}")
 
 
@@ -590,8 +745,9 @@ IMPLEMENTED = {
     "check_freemail_replyto", "gated_through_received_hdr_remover", "html_test", "html_range",
     "html_eval", "html_image_only", "html_image_ratio", "html_tag_balance", "html_text_match",
 }
+COUNTED_KINDS = ("body", "rawbody", "uri", "full", "header")
 HTML_VALUES = {"length", "closed_extra_ratio", "bad_tag_ratio", "non_element_ratio",
-               "image_area", "non_space_len"}
+               "image_area", "non_space_len", "obfuscation_ratio"}
 HTML_FLAGS = {"html", "embeds", "form_action_mailto"}
 HTML_TEXTS = {"comment", "anchor", "title"}
 
@@ -600,23 +756,26 @@ def evaluate(view: MessageView, tests: Mapping[str, Sequence[str]],
              lists: Mapping[str, Sequence[str]] | None = None,
              freemail: Sequence[str] = ()) -> list[str]:
     """The names of `tests` ({rule: [eval, args...]}) that are true for the message."""
-    return evaluate_with_errors(view, tests, lists, freemail)[0]
+    return list(evaluate_with_errors(view, tests, lists, freemail)[0])
 
 
 def evaluate_with_errors(view: MessageView, tests: Mapping[str, Sequence[str]],
                          lists: Mapping[str, Sequence[str]] | None = None,
-                         freemail: Sequence[str] = ()) -> tuple[list[str], list[tuple[str, str]]]:
-    """(true test names, [(test name, error)]): one broken test never hides the others."""
+                         freemail: Sequence[str] = ()
+                         ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """({true test: its value}, [(test name, error)]): one broken test never hides the others."""
     m = _Message(view)
     data: dict[str, Any] = {"lists": lists or {}, "freemail_matcher": _Freemail(freemail)}
-    hits: list[str] = []
+    hits: dict[str, int] = {}
     errors: list[tuple[str, str]] = []
     for name, test in tests.items():
         try:
-            if run_test(m, test, data):
-                hits.append(name)
+            value = run_test(m, test, data)
         except Exception as exc:     # a bad argument or regex in the rule file, not the mail
             errors.append((name, f"{type(exc).__name__}: {exc}"))
+            continue
+        if value:
+            hits[name] = value
     return hits, errors
 
 
@@ -625,5 +784,10 @@ def sa_evals(msg: MessageView, ctx: ScanContext, *, tests: Mapping[str, Sequence
              lists: Mapping[str, Sequence[str]] | None = None,
              freemail: Sequence[str] = ()) -> list[Symbol]:
     hits, errors = evaluate_with_errors(msg, tests, lists, freemail)
-    return ([Symbol(name) for name in hits]
-            + [Symbol("RULE_ERROR", (name, reason)) for name, reason in errors])
+    out: list[Symbol] = []
+    for name, value in hits.items():
+        # the meta check counts symbols by name: a `__` counting helper is emitted once per
+        # match so metas read its count; a scored rule once (it scores once, as in SpamAssassin)
+        out.extend([Symbol(name)] * (value if name.startswith("__") else 1))
+    out.extend(Symbol("RULE_ERROR", (name, reason)) for name, reason in errors)
+    return out

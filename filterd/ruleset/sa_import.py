@@ -7,25 +7,35 @@ Settings: none. Symbols: none (the output is a rule file for <site>/local.d/).
 Understood: header (one header, ALL, :raw/:addr/:name, exists:, !~, [if-unset: X]), body,
 rawbody, full, uri, mimeheader, meta, score (the first score set: no Bayes, no network),
 describe, tflags (kept; `nice` makes the default score negative), and ifplugin/if/else/endif
-blocks (see _condition: with the .pre files' loadplugin lines they follow the loaded plugins;
-without, ifplugin blocks are read and `if` conditions are true unless negated). Lines of
-other directives (report, required_score, lang, ...) are counted, not rules.
-Pseudo-headers X-Spam-Relays-{Untrusted,Trusted,External,Internal}, MESSAGEID, ToCc and
-EnvelopeFrom are computed by the engine (filterd.ruleset.engine.pseudo_header; case-sensitive as
-in SpamAssassin). Local eval: tests with an exact pattern or meta equivalent are translated:
+blocks (see _condition: with the .pre files' loadplugin lines, ifplugin, plugin(), can() and
+version follow the loaded plugins and SpamAssassin 4.0's feature flags, as in the spamd that
+reads the same files). Lines of other directives (report, required_score, lang, ...) are
+counted, not rules.
+Pseudo-headers MESSAGEID, ToCc and EnvelopeFrom are computed by the engine
+(filterd.ruleset.engine.pseudo_header; case-sensitive as in SpamAssassin). Header rules on
+X-Spam-Relays-{Untrusted,Trusted,External,Internal} and ALL-{TRUSTED,UNTRUSTED,INTERNAL,
+EXTERNAL} run in filterd.checks.sa_evals, which infers the trust boundary as SpamAssassin does
+without trusted_networks.
+Local eval: tests with an exact pattern or meta equivalent are translated as such:
 check_all_trusted, html_tag_exists, check_for_mime_html(_only), check_for_mime('mime_qp_count'
 /'mime_base64_count'), check_freemail_from and check_freemail_header (from the freemail_domains
-lines read). ReplaceTags: replace_tag/pre/inter/post/start/end and replace_rules are applied
-(SpamAssassin's byte sequences such as [\\xc3][\\xa0] in tag values are kept, and match the
-characters U+00C3 U+00A0 of the decoded text, not UTF-8 bytes: multi-byte look-alikes do not
-match). A meta name no file defines is read as 0, as SpamAssassin does.
+lines read). Those filterd.checks.sa_evals implements (sa_evals.IMPLEMENTED: HTML inventory,
+envelope/relay and address tests, ...) and `__` helpers with `tflags multiple` (their match
+count) become one [check.sa_local_evals] binding. VBounce tests without
+welcomelist_bounce_relays lines are false, as in SpamAssassin. SPF/DKIM plugin tests named as
+filterd's auth symbols (SPF_PASS, DKIM_VALID, ...) are not rewritten: metas read filterd's
+symbols (AUTH_EQUIVALENTS).
+ReplaceTags: replace_tag/pre/inter/post/start/end and replace_rules are applied; SpamAssassin's
+UTF-8 byte sequences in tag values ([\\xc3][\\xa0]) become classes of the characters they
+encode (utf8_bytes_as_characters), as filterd matches decoded text. A meta name no file
+defines is read as 0, as SpamAssassin does.
 DNS list tests (check_rbl, check_rbl_sub, check_uridnsbl with urirhssub/urirhsbl) become
 [check.NAME] bindings of dnsbl.ip / dnsbl.domain emitting the SpamAssassin rule names, scored
 with score set 1 (network): network checks, they fire only with network checks on (see
 _DnsTranslator for the approximations).
-Not translatable, and reported: other eval: tests (plugin code, check_rbl_txt, uridnsbl), the pseudo-headers
-filterd does not model, Perl regex features with no equivalent, and meta rules that refer to a
-rule that was not translated.
+Not translatable, and reported: other eval: tests (plugin code, check_rbl_txt, uridnsbl), the
+pseudo-headers filterd does not model, Perl regex features with no equivalent, metas comparing
+an eval's count numerically, and meta rules that refer to a rule that was not translated.
 
 Perl regex to Python `regex`: m{...}/m!...!/.../ delimiters and flags i, s, m, x; \\z -> \\Z,
 Perl's \\Z -> (?=\\n?\\Z), \\Q...\\E quoting, \\h/\\H, Perl's \\v (vertical space), \\e, \\g{N}.
@@ -320,7 +330,8 @@ AUTH_EQUIVALENTS = {
     "check_for_spf_temperror": "SPF_TEMPERROR", "check_dkim_valid": "DKIM_VALID",
     "check_dkim_valid_author_sig": "DKIM_VALID_AU",
 }
-_RELAY_PSEUDO = re.compile(r"X-Spam-Relays-(?:Trusted|Untrusted|Internal|External)")
+_RELAY_PSEUDO = re.compile(r"X-Spam-Relays-(?:Trusted|Untrusted|Internal|External)"
+                           r"|ALL-(?:TRUSTED|UNTRUSTED|INTERNAL|EXTERNAL)")
 
 
 def _relay_header_eval(body: str, tags: "ReplaceTags | None") -> list[str] | None:
@@ -401,6 +412,120 @@ def _local_eval(body: str, lists: dict[str, list[str]], freemail: list[str],
     return [test, *args]
 
 
+def _counting_eval(name: str, kind: str, entry: dict[str, Any],
+                   tflags: list[str]) -> list[str] | None:
+    """A `__` helper with `tflags multiple` as a sa_evals count test, or None.
+
+    SpamAssassin gives such a rule the number of matches (up to maxhits=N) and metas compare it
+    (`__BODY_TEXT_LINE < 3`); the engine says only whether a rule fired. Scored rules stay in
+    the engine: they score once either way.
+    """
+    if not name.startswith("__") or "multiple" not in tflags:
+        return None
+    if kind not in ("body", "rawbody", "uri", "full", "header") or entry.get("negate") \
+            or "exists" in entry or "if_unset" in entry:
+        return None
+    header = entry.get("header", "")
+    if kind == "header" and (":" in header or header in ("ALL", "ToCc", "EnvelopeFrom",
+                                                         "MESSAGEID")
+                             or _RELAY_PSEUDO.fullmatch(header)):
+        return None
+    maxhits = next((t.split("=", 1)[1] for t in tflags if t.startswith("maxhits=")), "0")
+    test = ["count", kind, entry["pattern"], entry.get("flags", ""), maxhits]
+    return test + [header] if kind == "header" else test
+
+
+_BYTE_CLASS = re.compile(r"\[((?:\\x[0-9a-fA-F]{2}(?:-\\x[0-9a-fA-F]{2})?)+)\]")
+_MAX_UTF8_SEQUENCES = 4096
+
+
+def _class_bytes(body: str) -> list[int]:
+    out: list[int] = []
+    for m in re.finditer(r"\\x([0-9a-fA-F]{2})(?:-\\x([0-9a-fA-F]{2}))?", body):
+        low = int(m.group(1), 16)
+        high = int(m.group(2), 16) if m.group(2) else low
+        out.extend(range(low, high + 1))
+    return out
+
+
+def _utf8_tail(pattern: str, pos: int) -> tuple[list[bytes], int] | None:
+    """Continuation bytes at pos: a [\\x80-\\xbf] class or a (?:..|..) group of such
+    sequences; (the byte strings it matches, where it ends) or None."""
+    m = _BYTE_CLASS.match(pattern, pos)
+    if m:
+        values = _class_bytes(m.group(1))
+        if values and all(0x80 <= b <= 0xBF for b in values):
+            return [bytes([b]) for b in values], m.end()
+        return None
+    if not pattern.startswith("(?:", pos):
+        return None
+    pos += 3
+    options: list[bytes] = []
+    while True:
+        sequence: list[bytes] = [b""]
+        while True:
+            tail = _utf8_tail(pattern, pos)
+            if tail is None:
+                break
+            sequence = [a + b for a in sequence for b in tail[0]]
+            if len(sequence) > _MAX_UTF8_SEQUENCES:
+                return None
+            pos = tail[1]
+        if sequence == [b""]:
+            return None
+        options.extend(sequence)
+        if pattern.startswith("|", pos):
+            pos += 1
+            continue
+        if pattern.startswith(")", pos):
+            return options, pos + 1
+        return None
+
+
+def utf8_bytes_as_characters(pattern: str) -> str:
+    """SpamAssassin matches octets: its ReplaceTags values spell a multi-byte look-alike as
+    UTF-8 bytes, `[\\xc3][\\xa0]` or `[\\xf0][\\x9d](?:[\\x90][\\x82]|...)`. filterd
+    matches decoded text, so each such run (a class of UTF-8 lead bytes followed by classes or
+    groups of continuation bytes) becomes a class of the characters it encodes; byte strings
+    that are not one whole UTF-8 character are dropped (they cannot occur in decoded text)."""
+    out: list[str] = []
+    pos = 0
+    while pos < len(pattern):
+        if pattern[pos] == "\\":
+            out.append(pattern[pos:pos + 2])
+            pos += 2
+            continue
+        m = _BYTE_CLASS.match(pattern, pos)
+        if m:
+            leads = _class_bytes(m.group(1))
+            if leads and all(0xC2 <= b <= 0xF4 for b in leads):
+                sequences = [bytes([b]) for b in leads]
+                end = m.end()
+                while True:
+                    tail = _utf8_tail(pattern, end)
+                    if tail is None:
+                        break
+                    sequences = [a + b for a in sequences for b in tail[0]]
+                    end = tail[1]
+                    if len(sequences) > _MAX_UTF8_SEQUENCES:
+                        break
+                chars = set()
+                for seq in sequences:
+                    try:
+                        decoded = seq.decode("utf-8")
+                    except UnicodeDecodeError:
+                        continue
+                    if len(decoded) == 1:
+                        chars.add(decoded)
+                if end > m.end() and chars:
+                    out.append("[" + "".join(rx.escape(c) for c in sorted(chars)) + "]")
+                    pos = end
+                    continue
+        out.append(pattern[pos])
+        pos += 1
+    return "".join(out)
+
+
 @dataclass
 class ReplaceTags:
     """SpamAssassin's ReplaceTags data: tag values and the pre/inter/post pieces, by name."""
@@ -449,7 +574,7 @@ class ReplaceTags:
             pieces.append(pattern[last:])
             pattern = "".join(pieces)
             pre = inter = post = ""          # only the rule's own tags get its pieces
-        return pattern
+        return utf8_bytes_as_characters(pattern)
 
 
 # Methods of Mail::SpamAssassin::Conf that `if can(Mail::SpamAssassin::Conf::NAME)` tests for
@@ -831,6 +956,10 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
             entry = {"kind": kind, **entry}
             if not entry.get("flags"):
                 entry.pop("flags", None)
+            counted = _counting_eval(name, kind, entry, result.tflags.get(name) or [])
+            if counted is not None:
+                result.local_evals[name] = counted
+                continue
             result.rules[name] = entry
         except Untranslatable as exc:
             result.skipped.append(Skipped(name, kind, location, str(exc)))

@@ -310,3 +310,65 @@ def test_metas_comparing_an_eval_count_are_reported_not_read_as_a_flag(tmp_path:
     assert "compares the count" in skipped["__LOC_QP_SHORT"]
     assert "__LOC_QP_SHORT" in skipped["LOC_QP_ANY"]
     assert "LOC_QP_PLAIN" in result.rules and "__LOC_QPC" in result.rules
+
+
+def test_if_conditions_follow_plugins_features_and_version():
+    loaded = {"Mail::SpamAssassin::Plugin::DKIM"}
+    cond = sa_import._condition
+    assert cond("if", "!(!plugin(Mail::SpamAssassin::Plugin::DKIM))", loaded)
+    assert not cond("if", "!plugin(Mail::SpamAssassin::Plugin::DKIM)", loaded)
+    assert not cond("if", "plugin(Mail::SpamAssassin::Plugin::SPF)", loaded)
+    assert cond("if", "can(Mail::SpamAssassin::Conf::feature_bug6558_free)", loaded)
+    assert cond("if", "!can(Mail::SpamAssassin::Conf::compat_welcomelist_blocklist)", loaded)
+    assert cond("if", "can(Mail::SpamAssassin::Plugin::DKIM::has_arc)", loaded)
+    assert not cond("if", "can(Mail::SpamAssassin::Plugin::ASN::has_check_asn)", loaded)
+    assert cond("if", "(version >= 3.004002)", loaded)
+    assert not cond("if", "!((version >= 3.004000))", loaded)
+    assert not cond("if", "(version < 4.000000) && plugin(x)", loaded)
+    assert not cond("if", "some_unknown_thing; system('x')", loaded)     # unreadable: false
+    assert cond("if", "plugin(Mail::SpamAssassin::Plugin::SPF)", set())   # no .pre: all loaded
+
+
+def test_utf8_byte_sequences_become_the_characters_they_encode(tmp_path: Path):
+    convert = sa_import.utf8_bytes_as_characters
+    assert convert(r"(?:[cC]|[\xc3][\x87\xa7]|[\xe1](?:[\xb8][\x88\x89]))") == \
+        "(?:[cC]|[\u00c7\u00e7]|[\u1e08\u1e09])"
+    assert convert(r"[\xc7\xe7]x") == r"[\xc7\xe7]x"         # Latin-1 classes stay
+    assert convert(r"\[\xc3][\xa0]") == r"\[\xc3][\xa0]"     # escaped: not a class
+    cf = tmp_path / "tags.cf"
+    cf.write_text(textwrap.dedent(r"""
+        replace_tag   A   (?:[aA]|[\xc3][\xa0-\xa5])
+        body   LOC_FUZZY_CAT   /c<A>t/
+        replace_rules LOC_FUZZY_CAT
+    """))
+    result = sa_import.import_files([cf])
+    site = tmp_path / "site"
+    (site / "local.d").mkdir(parents=True)
+    (site / "local.d" / "sa.toml").write_text(sa_import.to_toml(result))
+    engine = load(PROJECT_RULES, site).engine
+    assert "LOC_FUZZY_CAT" in engine.match(parse("Subject: s\n\nthe c\u00e2t\n".encode())).hits
+
+
+def test_spf_and_dkim_tests_read_filterds_auth_symbols(tmp_path: Path):
+    cf = tmp_path / "auth.cf"
+    cf.write_text(textwrap.dedent(r"""
+        header SPF_PASS        eval:check_for_spf_pass()
+        score  SPF_PASS        -0.001
+        full   DKIM_VERIFIED   eval:check_dkim_valid()
+        header LOC_SUBJ        Subject =~ /deal/
+        meta   LOC_NOT_SPOOF   LOC_SUBJ && !SPF_PASS && !DKIM_VERIFIED
+    """))
+    result = sa_import.import_files([cf])
+    assert result.provided == {"SPF_PASS": "SPF_PASS"}
+    assert "SPF_PASS" not in result.rules and "SPF_PASS" not in result.scores
+    assert result.rules["DKIM_VERIFIED"]["expression"] == "DKIM_VALID"
+    assert "LOC_NOT_SPOOF" in result.rules
+    site = tmp_path / "site"
+    (site / "local.d").mkdir(parents=True)
+    (site / "local.d" / "sa.toml").write_text(sa_import.to_toml(result))
+    engine = load(PROJECT_RULES, site).engine
+    hits = engine.match(parse(b"Subject: deal\n\nx\n")).hits
+    assert "LOC_NOT_SPOOF" in engine.evaluate_metas({n: 1.0 for n in hits})[0]
+    # with filterd's auth check saying SPF passed, the meta does not fire
+    assert "LOC_NOT_SPOOF" not in engine.evaluate_metas(
+        {**{n: 1.0 for n in hits}, "SPF_PASS": 1.0})[0]

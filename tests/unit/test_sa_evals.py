@@ -174,3 +174,31 @@ def test_import_binds_local_evals_and_the_pipeline_runs_them(tmp_path: Path):
 def test_the_default_rule_set_binds_no_sa_evals():
     ruleset = load(PROJECT_RULES, None)
     assert not [b for b in ruleset.bindings if b.function == "sa.evals"]
+
+
+def test_counts_of_multiple_rules_and_spamassassin_body_lines():
+    view = parse(b"Subject: Hi\nContent-Type: text/html\n\n<p>one</p><p>two</p><br>three"
+                 b"<script>no</script>\n")
+    lines = sa_evals.sa_body_lines(view)
+    assert lines[0] == "Hi\n" and [line.strip() for line in lines[1:] if line.strip()] == [
+        "one", "two", "three"]
+    tests = {"__LINES": ["count", "body", r"^\s*\S", "", "3"],
+             "__LINES_NOLIMIT": ["count", "body", r"^\s*\S", "", "0"],
+             "__TAGS": ["count", "rawbody", "<p>", "i", "0"],
+             "__SUBJ": ["count", "header", "H", "", "0", "Subject"]}
+    hits, errors = sa_evals.evaluate_with_errors(view, tests)
+    assert hits == {"__LINES": 3, "__LINES_NOLIMIT": 4, "__TAGS": 2, "__SUBJ": 1} and not errors
+    # a word split by tags counts as obfuscation, as in HTML.pm
+    inv = sa_evals.html_inventory("<b>V</b>iagra and <i>more</i>")
+    assert inv.obfuscation == 1 and inv.value("obfuscation_ratio") == pytest.approx(1 / 4)
+
+
+def test_all_external_is_the_header_block_from_the_first_untrusted_relay():
+    view = parse(RELAYED)
+    relays = sa_evals.sa_relays(view)
+    external = sa_evals.headers_below_trust(view, relays, "ALL-EXTERNAL")
+    internal = sa_evals.headers_below_trust(view, relays, "ALL-INTERNAL")
+    assert external.startswith("Received: from smtp.shop.example") and "Subject:" in external
+    assert external.count("Received:") == 2
+    assert internal.startswith("Received: from mx.example.net") and "Subject:" not in internal
+    assert internal.rstrip().endswith("(envelope-from <news@shop.example>)")
