@@ -24,6 +24,10 @@ FreeMail, VBounce, Message::Metadata::Received), rewritten from their documented
                                    inferred as SpamAssassin does when trusted_networks is unset)
                                    and on ALL-TRUSTED/-INTERNAL/-UNTRUSTED/-EXTERNAL (the header
                                    block above / from the first untrusted relay's Received)
+  uri(pattern, flags)              a uri rule over SpamAssassin's URI list (sa_uris: the URLs and
+                                   the text's e-mail addresses as mailto: URIs)
+  body(pattern, flags)             a body rule over SpamAssassin's body lines (ReplaceTags rules,
+                                   whose look-alike patterns depend on its whitespace squeezing)
   count(KIND, pattern, flags, maxhits[, header])  a `tflags multiple` rule: how many times it
                                    matches the text SpamAssassin gives that kind of rule (body:
                                    Subject line + one line per rendered paragraph; rawbody:
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import email.utils
 import fnmatch
+import html
 import html.parser
 import ipaddress
 import re
@@ -92,6 +97,7 @@ _FROM_EXIM = re.compile(r"^from\s+(\S+)\s+\(\s*(?:(\S+)\s+)?\[(?:IPv6:)?(" + _IP
                         + r")\](?::\d+)?(?:\s+helo=(\S+?))?\s*\)", re.I)
 _FROM_BRACKET_IP = re.compile(r"^from\s+\[(?:IPv6:)?(" + _IP + r")\](?::\d+)?"
                               r"(?:\s+\(helo=([^)\s]+)\))?", re.I)
+_MAIL_FETCHER = re.compile(r"with (?:POP3|IMAP)")
 # fetchmail and others: "from HELO [IP] by ..."
 _FROM_HOST_BRACKET_IP = re.compile(r"^from\s+([^\s\[]\S*)\s+\[(?:IPv6:)?(" + _IP + r")\]", re.I)
 # Microsoft: "from HELO (IP) by ..." (bare IP in parentheses)
@@ -151,6 +157,12 @@ def sa_relays(view: MessageView) -> list[SaRelay]:
     out: list[SaRelay] = []
     in_trusted = True
     for index, raw in enumerate(view.header("Received")):
+        if _MAIL_FETCHER.search(" ".join(raw.split())):
+            # a POP/IMAP fetch (fetchmail, getmail) is no relay; seen in the trusted part, the
+            # relays before it are the fetching host's own: start over, as SpamAssassin does
+            if in_trusted:
+                out.clear()
+            continue
         parsed = _parse_received(raw)
         if parsed is None:
             continue
@@ -473,6 +485,23 @@ def sa_rawbody_chunks(view: MessageView) -> list[str]:
     return chunks
 
 
+_MAILTO_HREF = re.compile(r"""href\s*=\s*["']?\s*mailto:([^"'>\s]+)""", re.I)
+
+
+def sa_uris(view: MessageView) -> list[str]:
+    """The URIs `uri` rules see: the message's URLs plus, as SpamAssassin's URI list has them,
+    every e-mail address of the text parts and every mailto: link as `mailto:ADDRESS`."""
+    out = dict.fromkeys(view.urls)
+    for part in view.text_parts:
+        text = part.text
+        if part.content_type == "text/html":
+            for found in _MAILTO_HREF.finditer(text):
+                out.setdefault("mailto:" + html.unescape(found.group(1)), None)
+        for found in _EMAIL.finditer(text):
+            out.setdefault("mailto:" + found.group(1), None)
+    return list(out)
+
+
 def _regex_flags(flags: str) -> int:
     return ((rx.I if "i" in flags else 0) | (rx.S if "s" in flags else 0)
             | (rx.M if "m" in flags else 0) | (rx.X if "x" in flags else 0))
@@ -488,7 +517,7 @@ def count_matches(m: "_Message", kind: str, pattern: str, flags: str, maxhits: i
     elif kind == "rawbody":
         texts = sa_rawbody_chunks(view)
     elif kind == "uri":
-        texts = list(view.urls)
+        texts = m.uris
     elif kind == "full":
         texts = [view.raw.decode("utf-8", "replace")]
     elif kind == "header":
@@ -515,6 +544,13 @@ class _Message:
     _html: list[HtmlInventory] | None = None
     _envfrom: str | None = None
     _body_lines: list[str] | None = None
+    _uris: list[str] | None = None
+
+    @property
+    def uris(self) -> list[str]:
+        if self._uris is None:
+            self._uris = sa_uris(self.view)
+        return self._uris
 
     @property
     def body_lines(self) -> list[str]:
@@ -673,6 +709,12 @@ def run_test(m: _Message, test: Sequence[str], data: Mapping[str, Any]) -> int:
     if name == "count":
         return count_matches(m, args[0], args[1], args[2], int(args[3] or 0),
                              args[4] if len(args) > 4 else "")
+    if name == "body":
+        compiled = rx.compile(args[0], _regex_flags(args[1] if len(args) > 1 else ""))
+        return int(any(compiled.search(line) for line in m.body_lines))
+    if name == "uri":
+        compiled = rx.compile(args[0], _regex_flags(args[1] if len(args) > 1 else ""))
+        return int(any(compiled.search(uri) for uri in m.uris))
     return int(bool(_run_bool(m, name, args, data)))
 
 

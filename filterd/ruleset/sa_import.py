@@ -960,6 +960,17 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
             if counted is not None:
                 result.local_evals[name] = counted
                 continue
+            if kind == "uri":
+                # SpamAssassin's URI list also holds the text's e-mail addresses as mailto:
+                # URIs (__UNSUB_LINK matches "mailto:list-unsubscribe@..."); sa_evals builds it
+                result.local_evals[name] = ["uri", entry["pattern"], entry.get("flags", "")]
+                continue
+            if kind == "body" and tags is not None:
+                # ReplaceTags look-alike patterns (<WS>*, (?!click\shere)) depend on
+                # SpamAssassin's whitespace-squeezed body lines, which sa_evals builds and the
+                # engine's body text (line breaks kept) is not
+                result.local_evals[name] = ["body", entry["pattern"], entry.get("flags", "")]
+                continue
             result.rules[name] = entry
         except Untranslatable as exc:
             result.skipped.append(Skipped(name, kind, location, str(exc)))

@@ -148,12 +148,14 @@ def test_replace_tags_expand_only_listed_rules_with_their_pieces(tmp_path: Path)
     cf.write_text(REPLACE_CF)
     result = sa_import.import_files([cf])
     import regex
-    fuzzy = regex.compile(result.rules["LOC_FUZZY_MONEY"]["pattern"], regex.I)
+    # ReplaceTags body rules run over SpamAssassin's body lines (filterd.checks.sa_evals)
+    assert result.local_evals["LOC_FUZZY_MONEY"][0] == "body"
+    fuzzy = regex.compile(result.local_evals["LOC_FUZZY_MONEY"][1], regex.I)
     assert fuzzy.search("get M.0.N.E.Y now") and fuzzy.search("mmoneyy")
     assert fuzzy.search("send m0n3y") and not fuzzy.search("honey")
     # not in replace_rules: tags stay literal, as in SpamAssassin
     assert result.rules["LOC_LITERAL_TAGS"]["pattern"] == "<M><O>"
-    nested = regex.compile(result.rules["LOC_NESTED"]["pattern"])
+    nested = regex.compile(result.local_evals["LOC_NESTED"][1])
     assert nested.search("M0ney") and not nested.search("Mmoney")
     bad = {s.name: s.reason for s in result.skipped}
     assert "inter NOPE is not defined" in bad["LOC_BAD_INTER"]
@@ -164,7 +166,7 @@ def test_replace_tags_expand_only_listed_rules_with_their_pieces(tmp_path: Path)
     assert "LOC_BAD_INTER" in bad["LOC_UNTRANSLATED_DEP"]
 
 
-def test_replace_tags_rule_fires_in_the_engine(tmp_path: Path):
+def test_replace_tags_rule_fires_over_spamassassin_body_lines(tmp_path: Path):
     cf = tmp_path / "replace.cf"
     cf.write_text(REPLACE_CF)
     result = sa_import.import_files([cf])
@@ -172,7 +174,8 @@ def test_replace_tags_rule_fires_in_the_engine(tmp_path: Path):
     (site / "local.d").mkdir(parents=True)
     (site / "local.d" / "sa.toml").write_text(sa_import.to_toml(result))
     engine = load(PROJECT_RULES, site).engine
-    hits = engine.match(parse(b"Subject: hi\n\nsend M0N3Y today, M0ney\n")).hits
+    view = parse(b"Subject: hi\n\nsend M0N3Y today, M0ney\n")
+    hits = set(engine.match(view).hits) | set(sa_evals.evaluate(view, result.local_evals))
     assert "LOC_FUZZY_MONEY" in hits and "LOC_NESTED" in hits
     metas, errors = engine.evaluate_metas({n: 1.0 for n in hits})
     assert "LOC_UNDEFINED_DEP" in metas and not errors
@@ -345,8 +348,10 @@ def test_utf8_byte_sequences_become_the_characters_they_encode(tmp_path: Path):
     site = tmp_path / "site"
     (site / "local.d").mkdir(parents=True)
     (site / "local.d" / "sa.toml").write_text(sa_import.to_toml(result))
-    engine = load(PROJECT_RULES, site).engine
-    assert "LOC_FUZZY_CAT" in engine.match(parse("Subject: s\n\nthe c\u00e2t\n".encode())).hits
+    assert result.local_evals["LOC_FUZZY_CAT"][0] == "body"
+    view = parse("Subject: s\n\nthe c\u00e2t\n".encode())
+    assert sa_evals.evaluate(view, result.local_evals) == ["LOC_FUZZY_CAT"]
+    assert sa_evals.evaluate(parse(b"Subject: s\n\nthe cot\n"), result.local_evals) == []
 
 
 def test_spf_and_dkim_tests_read_filterds_auth_symbols(tmp_path: Path):

@@ -113,7 +113,7 @@ def test_relay_header_rules_and_a_broken_test_is_a_rule_error():
              "NOT_TRUSTED_X": ["relay_header", "X-Spam-Relays-Trusted", "nothing", "", "negate"],
              "BROKEN": ["no_such_eval"]}
     hits, errors = sa_evals.evaluate_with_errors(view, tests)
-    assert hits == ["LAST_EXT_NAMED", "NOT_TRUSTED_X"]
+    assert hits == {"LAST_EXT_NAMED": 1, "NOT_TRUSTED_X": 1}
     assert errors and errors[0][0] == "BROKEN"
 
 
@@ -202,3 +202,14 @@ def test_all_external_is_the_header_block_from_the_first_untrusted_relay():
     assert external.count("Received:") == 2
     assert internal.startswith("Received: from mx.example.net") and "Subject:" not in internal
     assert internal.rstrip().endswith("(envelope-from <news@shop.example>)")
+
+
+def test_uri_rules_see_addresses_as_mailto_uris():
+    view = parse(b"Subject: s\nContent-Type: text/html\n\n<a href='http://x.example/a'>a</a>"
+                 b" <a href=\"mailto:sales@shop.example\">mail us</a> or write to"
+                 b" list-unsubscribe@lists.example\n")
+    uris = sa_evals.sa_uris(view)
+    assert "http://x.example/a" in uris and "mailto:sales@shop.example" in uris
+    assert "mailto:list-unsubscribe@lists.example" in uris
+    tests = {"UNSUB_LINK": ["uri", r"\bunsubscri", "i"], "HTTPS": ["uri", "^https:", ""]}
+    assert sa_evals.evaluate(view, tests) == ["UNSUB_LINK"]
