@@ -198,6 +198,40 @@ def find_urls(text: str) -> list[str]:
 _HREF = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]+)""", re.I)
 
 
+_HREF_VALUE = re.compile(r"""\s*["']?([^"'\s>]+)""")
+# Characters IGNORECASE matching treats as a letter of href/src/action that str.lower() does
+# not turn into it (dotless i, dotted capital I, long s): a text with one takes the regex.
+_HREF_FOLD_SPECIALS = ("\u0130", "\u0131", "\u017f")
+
+
+def href_targets(text: str) -> list[str]:
+    """The href/src/action attribute values of some HTML, exactly as _HREF.finditer finds
+    them, about twice as fast: look for each "=" with str.find and check the name before it,
+    instead of trying a case-insensitive alternation at every character
+    (test_message checks both agree)."""
+    if not text.isascii() and any(ch in text for ch in _HREF_FOLD_SPECIALS):
+        return [m.group(1) for m in _HREF.finditer(text)]
+    out: list[str] = []
+    consumed = 0
+    eq = text.find("=")
+    while eq != -1:
+        end = eq  # the attribute name ends before the blanks that precede "="
+        while end > consumed and text[end - 1].isspace():
+            end -= 1
+        last = text[end - 1:end].lower()
+        size = 4 if last == "f" else 3 if last == "c" else 6 if last == "n" else 0
+        if size and end - size >= consumed and text[end - size:end].lower() in (
+                "href", "src", "action"):
+            value = _HREF_VALUE.match(text, eq + 1)
+            if value is not None:
+                out.append(value.group(1))
+                consumed = value.end()
+                eq = text.find("=", consumed)
+                continue
+        eq = text.find("=", eq + 1)
+    return out
+
+
 def _clean_url(url: str) -> str:
     return url.rstrip(".,;:!?)]}'\"").replace("&amp;", "&")
 
@@ -438,8 +472,8 @@ class MessageView:
         for p in self.text_parts:
             text = p.text
             if p.content_type == "text/html":
-                for m in _HREF.finditer(text):
-                    target = html.unescape(m.group(1))
+                for found in href_targets(text):
+                    target = html.unescape(found)
                     if _URL_START.match(target):
                         seen.setdefault(_clean_url(target), None)
             for url in find_urls(text):

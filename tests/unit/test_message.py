@@ -255,3 +255,28 @@ def test_part_fields_read_through_the_stand_in_match_the_stdlib():
     from filterd.message import _part_headers
     member = [m for m in view._msg.walk() if m.get_default_type() == "message/rfc822"][0]
     assert _part_headers(member).get_content_type() == member.get_content_type() == "message/rfc822"
+
+
+def test_href_finder_agrees_with_the_regex():
+    import random
+
+    from filterd.message import _HREF, href_targets
+    samples = ['<a HREF = "http://a.example/x">', "<img src=x.gif><form action='/go'>",
+               "x=src=http://b.example datasrc=c.gif", 'href="" href= >', "hrefsrc=d.example",
+               "<a href=\"http://e.example/?q=1&amp;r=2\">e</a> <a\thref\n=\nhttp://f.example>",
+               "act\u0131on=http://g.example/ \u017frc=h.gif \u0130HREF=x", "no attributes here"]
+    random.seed(3)
+    pieces = ["href", "HREF", "Src", "action", "=", " =", "= ", '"', "'", " ", "\n", ">",
+              "x", "http://i.example/", "\u3000", "\u017f", "=="]
+    samples += ["".join(random.choice(pieces) for _ in range(random.randint(1, 12)))
+                for _ in range(3000)]
+    for text in samples:
+        assert href_targets(text) == [m.group(1) for m in _HREF.finditer(text)], text
+
+
+@pytest.mark.corpus
+def test_href_finder_agrees_on_the_corpus(corpus_files):
+    from filterd.message import _HREF, href_targets
+    for path in corpus_files[::7]:
+        for part in parse(path.read_bytes()).text_parts:
+            assert href_targets(part.text) == [m.group(1) for m in _HREF.finditer(part.text)], path
