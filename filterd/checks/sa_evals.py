@@ -11,6 +11,8 @@ FreeMail, VBounce, Message::Metadata::Received), rewritten from their documented
                                    first untrusted relay's rDNS (all trusted relays if none)
   check_for_matching_env_and_hdr_from   EnvelopeFrom:addr == From:addr (case-insensitive)
   check_for_to_in_subject(user|address) the To local part (address) in the Subject
+  check_for_shifted_date(MIN, MAX) the Date header is MIN..MAX hours ahead of the Received times
+  image_count(TYPE, MIN[, MAX])    base64 image/gif|png|jpeg parts of that type (or all) counted
   check_body_length(N)             the raw body (after the header block) is at most N octets
   check_from_in_list(LIST)         a *From address matches an enlist_addrlist (LIST) glob
   check_freemail_replyto(replyto|reply) From and Reply-To at different freemail addresses, or
@@ -578,6 +580,55 @@ class _Message:
         return self._envfrom
 
 
+def _rfc822_time(text: str) -> float | None:
+    try:
+        parsed = email.utils.parsedate_tz(text)
+        return float(email.utils.mktime_tz(parsed)) if parsed else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+_RCVD_DATE = re.compile(r"(\s.?\d+ \S\S\S \d+ \d+:\d+:\d+ \S+)")
+
+
+def date_diff(view: MessageView) -> float:
+    """Seconds the Date header is ahead of the Received header times, SpamAssassin's way
+    (HeaderEval::_check_date_diff): the smallest difference by absolute value, ignoring the
+    oldest hop's when it is exactly 0 and the local delivery + fetchmail hops; 0 when either
+    side is missing."""
+    date_time = None
+    for header in ("Resent-Date", "Date"):
+        for value in view.header(header):
+            if value.strip():
+                date_time = _rfc822_time(value.strip())
+            if date_time is not None:
+                break
+        if date_time is not None:
+            break
+    if date_time is None:
+        return 0.0
+    received = [" ".join(r.split()) for r in view.header("Received") if r.strip()]
+    if received and (re.search(r"\bfrom (?:localhost\s|(?:\S+ ){1,2}\S*\b127\.0\.0\.1\b)",
+                               received[0])
+                     or re.search(r"qmail \d+ invoked by uid \d+", received[0])):
+        if len(received) > 1 and re.search(r"\bby localhost with \w+ \(fetchmail-[\d.]+",
+                                           received[1]):
+            received = received[2:]
+    times = []
+    for value in received:
+        found = _RCVD_DATE.search(value)
+        if found:
+            stamp = _rfc822_time(found.group(1))
+            if stamp is not None:
+                times.append(stamp)
+    if not times:
+        return 0.0
+    diffs = [date_time - t for t in times]
+    if len(diffs) > 1 and diffs[-1] == 0:
+        diffs.pop()
+    return sorted(diffs, key=abs)[0]
+
+
 def _split_domain(domain: str) -> str:
     return registered_domain(domain) or domain
 
@@ -726,6 +777,20 @@ def _run_bool(m: _Message, name: str, args: list[str], data: Mapping[str, Any]) 
         return m.envelope_from.lower() == first_addr(view, "From").lower()
     if name == "check_for_to_in_subject":
         return to_in_subject(view, args[0])
+    if name == "check_for_shifted_date":
+        diff = date_diff(view)
+        return ((args[0] == "undef" or diff >= 3600 * float(args[0]))
+                and (args[1] == "undef" or diff < 3600 * float(args[1])))
+    if name == "image_count":
+        kind = args[0]
+        count = 0
+        for part in view.parts:
+            found = re.fullmatch(r"image/(gif|png|jpe?g)", part.content_type or "")
+            if not found or (part.transfer_encoding or "").strip().lower() != "base64":
+                continue
+            image = "jpeg" if found.group(1) in ("jpg", "jpeg") else found.group(1)
+            count += kind in ("all", image)
+        return count >= int(args[1]) and (len(args) < 3 or count <= int(args[2]))
     if name == "check_body_length":
         return _body_length(view) <= int(args[0])
     if name == "check_from_in_list":
@@ -784,6 +849,7 @@ def _run_bool(m: _Message, name: str, args: list[str], data: Mapping[str, Any]) 
 IMPLEMENTED = {
     "check_mailfrom_matches_rcvd", "check_for_matching_env_and_hdr_from",
     "check_for_to_in_subject", "check_body_length", "check_from_in_list",
+    "check_for_shifted_date", "image_count",
     "check_freemail_replyto", "gated_through_received_hdr_remover", "html_test", "html_range",
     "html_eval", "html_image_only", "html_image_ratio", "html_tag_balance", "html_text_match",
 }

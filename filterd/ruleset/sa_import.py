@@ -380,6 +380,11 @@ def _local_eval(body: str, lists: dict[str, list[str]], freemail: list[str],
         ok = not args
     elif test == "check_for_to_in_subject":
         ok = args in (["user"], ["address"])
+    elif test == "image_count":
+        ok = (len(args) in (2, 3) and args[0] in ("all", "gif", "png", "jpeg")
+              and all(a.isdigit() for a in args[1:]))
+    elif test == "check_for_shifted_date":
+        ok = len(args) == 2 and all(a == "undef" or re.fullmatch(r"-?\d+", a) for a in args)
     elif test == "check_body_length":
         ok = len(args) == 1 and args[0].isdigit()
     elif test == "check_from_in_list":
