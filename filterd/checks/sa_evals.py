@@ -15,6 +15,9 @@ FreeMail, VBounce, Message::Metadata::Received), rewritten from their documented
   image_count(TYPE, MIN[, MAX])    base64 image/gif|png|jpeg parts of that type (or all) counted
   check_body_length(N)             the raw body (after the header block) is at most N octets
   check_from_in_list(LIST)         a *From address matches an enlist_addrlist (LIST) glob
+  check_freemail_from([regex])     a *From address (From, Envelope-Sender, Resent-Sender,
+                                   X-Envelope-From, EnvelopeFrom; Resent-From alone when
+                                   present) at a freemail domain (and matching regex)
   check_freemail_replyto(replyto|reply) From and Reply-To at different freemail addresses, or
                                    a freemail Reply-To (From) and another freemail address in
                                    the body
@@ -100,6 +103,10 @@ _FROM_EXIM = re.compile(r"^from\s+(\S+)\s+\(\s*(?:(\S+)\s+)?\[(?:IPv6:)?(" + _IP
 _FROM_BRACKET_IP = re.compile(r"^from\s+\[(?:IPv6:)?(" + _IP + r")\](?::\d+)?"
                               r"(?:\s+\(helo=([^)\s]+)\))?", re.I)
 _MAIL_FETCHER = re.compile(r"with (?:POP3|IMAP)")
+# qmail: "from RDNS (HELO helo) (IP)", "from RDNS (HELO helo) (ident@[IP])", "from IP (HELO helo)"
+_FROM_QMAIL = re.compile(r"^from\s+(\S+)\s+\((?:HELO|EHLO)\s+(\S*)\)\s+\((?:\S+@)?\[?(" + _IP
+                         + r")\]?\)", re.I)
+_FROM_QMAIL_IP = re.compile(r"^from\s+(" + _IP + r")\s+\((?:HELO|EHLO)\s+(\S*)\)", re.I)
 # fetchmail and others: "from HELO [IP] by ..."
 _FROM_HOST_BRACKET_IP = re.compile(r"^from\s+([^\s\[]\S*)\s+\[(?:IPv6:)?(" + _IP + r")\]", re.I)
 # Microsoft: "from HELO (IP) by ..." (bare IP in parentheses)
@@ -131,6 +138,13 @@ def _private(ip: str) -> bool:
 def _parse_received(raw: str) -> tuple[str, str, str] | None:
     """(ip, rdns, helo) of one Received header, or None when it names no sending IP."""
     text = " ".join(raw.split())
+    m = _FROM_QMAIL.match(text)
+    if m:
+        rdns, helo, ip = m.groups()
+        return ip, "" if rdns.lower() == "unknown" else rdns, helo
+    m = _FROM_QMAIL_IP.match(text)
+    if m:
+        return m.group(1), "", m.group(2)
     m = _FROM_EXIM.match(text)
     if m and m.group(4):
         rdns_or_helo, rdns, ip, helo = m.groups()
@@ -689,13 +703,20 @@ _SKIP_REPLYTO_ENVFROM = re.compile(
     r"[-+]|^(?:bounce|request)s?@|^[^@]+-bounces?@|^(?:mailer|mail-daemon)@", re.I)
 
 
+# role and bounce addresses FreeMail never counts as freemail senders
+_FREEMAIL_NOT_A_PERSON = re.compile(
+    r"^(?:abuse|support|sales|info|helpdesk|contact|kontakt|(?:post|host|domain)master"
+    r"|undisclosed.*|request-[a-f0-9]{16}|bounced?-|[a-f0-9]{8}(?:\.[a-f0-9]{8}"
+    r"|-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{12})|.+=.+=.+)@", re.I)
+
+
 class _Freemail:
     def __init__(self, domains: Sequence[str]):
         self.exact = {d.lower() for d in domains if "*" not in d and "?" not in d}
         self.globs = [d.lower() for d in domains if "*" in d or "?" in d]
 
     def __call__(self, addr: str) -> bool:
-        if "@" not in addr:
+        if "@" not in addr or _FREEMAIL_NOT_A_PERSON.search(addr):
             return False
         domain = addr.rsplit("@", 1)[1].lower()
         return domain in self.exact or any(fnmatch.fnmatchcase(domain, g) for g in self.globs)
@@ -796,6 +817,10 @@ def _run_bool(m: _Message, name: str, args: list[str], data: Mapping[str, Any]) 
     if name == "check_from_in_list":
         patterns = data.get("lists", {}).get(args[0], [])
         return any(_glob_match(patterns, a) for a in _all_from_addrs(m))
+    if name == "check_freemail_from":
+        pattern = rx.compile(args[0]) if args else None
+        return any(data["freemail_matcher"](a) and (pattern is None or pattern.search(a))
+                   for a in (x.lower() for x in _all_from_addrs(m)))
     if name == "check_freemail_replyto":
         return freemail_replyto(m, args[0] if args else "replyto",
                                 data["freemail_matcher"])
@@ -850,7 +875,7 @@ IMPLEMENTED = {
     "check_mailfrom_matches_rcvd", "check_for_matching_env_and_hdr_from",
     "check_for_to_in_subject", "check_body_length", "check_from_in_list",
     "check_for_shifted_date", "image_count",
-    "check_freemail_replyto", "gated_through_received_hdr_remover", "html_test", "html_range",
+    "check_freemail_replyto", "check_freemail_from", "gated_through_received_hdr_remover", "html_test", "html_range",
     "html_eval", "html_image_only", "html_image_ratio", "html_tag_balance", "html_text_match",
 }
 COUNTED_KINDS = ("body", "rawbody", "uri", "full", "header")

@@ -391,10 +391,13 @@ def _local_eval(body: str, lists: dict[str, list[str]], freemail: list[str],
         ok = len(args) == 1
         if ok and args[0] not in lists:
             raise Untranslatable(f"check_from_in_list: no enlist_addrlist ({args[0]}) line read")
-    elif test == "check_freemail_replyto":
-        ok = args in ([], ["replyto"], ["reply"])
+    elif test in ("check_freemail_replyto", "check_freemail_from"):
+        ok = args in ([], ["replyto"], ["reply"]) if test == "check_freemail_replyto" \
+            else len(args) <= 1
         if ok and not freemail:
             raise Untranslatable("no freemail_domains were read (load 20_freemail_domains.cf too)")
+        if ok and args and test == "check_freemail_from":
+            return [test, translate_regex(args[0], "")[0]]
     elif test == "html_test":
         ok = len(args) == 1 and args[0] in sa_evals.HTML_FLAGS
     elif test == "html_range":
@@ -985,7 +988,8 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
         result.addr_lists = {k: v for k, v in addr_lists.items()
                              if any(t[0] == "check_from_in_list" and t[1] == k
                                     for t in result.local_evals.values())}
-        if any(t[0] == "check_freemail_replyto" for t in result.local_evals.values()):
+        if any(t[0] in ("check_freemail_replyto", "check_freemail_from")
+               for t in result.local_evals.values()):
             result.freemail_domains = sorted(set(d.lower() for d in freemail))
     # metas: translate those whose every reference resolves to a translated rule or meta
     from filterd.ruleset.expr import compile_expression

@@ -115,7 +115,8 @@ def test_imported_rules_fire_in_the_engine(imported, tmp_path: Path, base_rules:
     result = engine.match(parse(MESSAGE))
     # rules on the relay pseudo-headers run in filterd.checks.sa_evals (SpamAssassin's inferred
     # trust boundary), not in the engine
-    evals = sa_evals.evaluate(parse(MESSAGE), imported.local_evals)
+    evals = sa_evals.evaluate(parse(MESSAGE), imported.local_evals, imported.addr_lists,
+                              imported.freemail_domains)
     fired = set(result.hits) | set(evals)
     for name in ("LOC_SUBJ_FREE", "LOC_BODY_WIN", "LOC_EXT_DYN", "LOC_TOCC", "LOC_ENVFROM",
                  "LOC_MSGID", "LOC_FREEMAIL", "LOC_CENTER"):
