@@ -594,12 +594,70 @@ class _Message:
         return self._envfrom
 
 
+# zone names SpamAssassin's date parser knows (Util::parse_rfc822_date), offsets in minutes
+_TZ_MINUTES = {
+    "UT": 0, "UTC": 0, "GMT": 0, "WET": 0, "NDT": -150, "AST": -240, "ADT": -180, "NST": -210,
+    "EST": -300, "EDT": -240, "CST": -360, "CDT": -300, "MST": -420, "MDT": -360, "PST": -480,
+    "PDT": -420, "HST": -600, "AKST": -540, "AKDT": -480, "HADT": -540, "HAST": -600,
+    "BST": 60, "IST": 60, "WEST": 60, "CET": 60, "CEST": 120, "EET": 120, "EEST": 180,
+    "MSK": 180, "MSD": 240, "MET": 60, "MEZ": 60, "MEST": 120, "MESZ": 120, "BRST": -120,
+    "BRT": -180, "AEST": 600, "AEDT": 660, "ACST": 570, "ACDT": 630, "AWST": 480, "NZST": 720,
+    "NZDT": 780, "JST": 540, "KST": 540, "HKT": 480, "SGT": 480, "PHT": 480, "IDT": 180}
+_MONTHS = {m: i for i, m in enumerate(
+    "jan feb mar apr may jun jul aug sep oct nov dec".split(), 1)}
+_MON = r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+
+
 def _rfc822_time(text: str) -> float | None:
+    """A date as SpamAssassin's lenient parser reads it: day, month, year; an optional time;
+    a zone only as +hhmm/-hhmm or a known name (anything else counts as UTC); out-of-range
+    fields clamped. None when no day, month and year are found."""
+    import calendar
+    work = " " + re.sub(r"\s+", " ", re.sub(r", *", " ", text)) + " "
+    m = re.search(rf" (\d+) {_MON} (\d{{4}}) ", work, re.I)
+    if m:
+        day, month, year = m.group(1), m.group(2), m.group(3)
+    else:
+        m = re.search(rf" {_MON} +(\d+) \d+:\d+:\d+ (\d{{4}}) ", work, re.I)
+        if m:
+            month, day, year = m.group(1), m.group(2), m.group(3)
+        else:
+            m = re.search(rf" (\d+) {_MON} (\d{{2,3}}) ", work, re.I)
+            if not m:
+                return None
+            day, month, year = m.group(1), m.group(2), m.group(3)
+    work = work[:m.start()] + " " + work[m.end():]
+    yyyy = int(year)
+    if len(year) == 2 and yyyy < 50:
+        yyyy += 2000
+    elif len(year) != 4:
+        yyyy += 1900
+    hh = mm = ss = 0
+    t = re.search(r" (\d?\d):(\d\d)(?::(\d\d))? ", work)
+    if t:
+        hh, mm, ss = int(t.group(1)), int(t.group(2)), int(t.group(3) or 0)
+        work = work[:t.start()] + " " + work[t.end():]
+    offset = 0
+    z = re.search(r" ([-+])(\d\d)(\d\d) ", work)
+    if z:
+        offset = (int(z.group(2)) * 60 + int(z.group(3))) * (-1 if z.group(1) == "-" else 1)
+    else:
+        name = re.search(r"\b([A-Z]{2,4}(?:-DST)?)\b", work)
+        if name and name.group(1) in _TZ_MINUTES:
+            offset = _TZ_MINUTES[name.group(1)]
+    mon = _MONTHS[month.lower()]
+    ss, mm, hh = min(ss, 59), min(mm, 59), min(hh, 23)
+    dd = int(day)
+    if dd > calendar.monthrange(max(1970, min(yyyy, 2037)), mon)[1]:
+        dd, mon = 1, mon + 1
+        if mon > 12:
+            mon, yyyy = 1, yyyy + 1
+    yyyy = max(1970, min(yyyy, 2037))
     try:
-        parsed = email.utils.parsedate_tz(text)
-        return float(email.utils.mktime_tz(parsed)) if parsed else None
-    except (TypeError, ValueError, OverflowError):
+        stamp = calendar.timegm((yyyy, mon, max(dd, 1), hh, mm, ss, 0, 0, 0))
+    except (ValueError, OverflowError):
         return None
+    return float(max(0, stamp - offset * 60))
 
 
 _RCVD_DATE = re.compile(r"(\s.?\d+ \S\S\S \d+ \d+:\d+:\d+ \S+)")
