@@ -254,6 +254,7 @@ def test_dates_are_read_as_spamassassins_lenient_parser_reads_them():
     assert time_of("2 Sep 2002 12:00:00 EDT") == time_of("2 Sep 2002 16:00:00 +0000")
     # a zone it cannot read counts as UTC (Python's parser reads "--800" as -08:00)
     assert time_of("Sun, 22 Apr 2007 22:01:53 --800") == time_of("22 Apr 2007 22:01:53 +0000")
-    assert time_of("Sep 2 12:00:00 2002") == time_of("2 Sep 2002 12:00:00 +0000")
+    # the ctime form's time is consumed with its date, as in SpamAssassin: midnight
+    assert time_of("Sep 2 12:00:00 2002") == time_of("2 Sep 2002 00:00:00 +0000")
     assert time_of("31 Feb 99 25:61:00") == time_of("1 Mar 1999 23:59:00 +0000")   # clamped
     assert time_of("yesterday") is None
