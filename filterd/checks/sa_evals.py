@@ -523,6 +523,19 @@ def _regex_flags(flags: str) -> int:
             | (rx.M if "m" in flags else 0) | (rx.X if "x" in flags else 0))
 
 
+_COMPILED: dict[tuple[str, str], Any] = {}
+
+
+def _compiled(pattern: str, flags: str = "") -> Any:
+    """The rule's regex, compiled once per process (the ReplaceTags alternations are large;
+    the regex module's own cache is smaller than an imported rule set)."""
+    key = (pattern, flags)
+    found = _COMPILED.get(key)
+    if found is None:
+        found = _COMPILED[key] = rx.compile(pattern, _regex_flags(flags))
+    return found
+
+
 def count_matches(m: "_Message", kind: str, pattern: str, flags: str, maxhits: int,
                   header: str = "") -> int:
     """How many times a `tflags multiple` rule matches, up to maxhits (0: no limit); metas
@@ -541,7 +554,7 @@ def count_matches(m: "_Message", kind: str, pattern: str, flags: str, maxhits: i
         texts = ["\n".join(values) + "\n"] if values else []
     else:
         raise ValueError(f"count of {kind} rules is not supported")
-    compiled = rx.compile(pattern, _regex_flags(flags))
+    compiled = _compiled(pattern, flags)
     hits = 0
     for text in texts:
         for _match in compiled.finditer(text):
@@ -840,10 +853,10 @@ def run_test(m: _Message, test: Sequence[str], data: Mapping[str, Any]) -> int:
         return count_matches(m, args[0], args[1], args[2], int(args[3] or 0),
                              args[4] if len(args) > 4 else "")
     if name == "body":
-        compiled = rx.compile(args[0], _regex_flags(args[1] if len(args) > 1 else ""))
+        compiled = _compiled(args[0], args[1] if len(args) > 1 else "")
         return int(any(compiled.search(line) for line in m.body_lines))
     if name == "uri":
-        compiled = rx.compile(args[0], _regex_flags(args[1] if len(args) > 1 else ""))
+        compiled = _compiled(args[0], args[1] if len(args) > 1 else "")
         return int(any(compiled.search(uri) for uri in m.uris))
     return int(bool(_run_bool(m, name, args, data)))
 
@@ -913,7 +926,7 @@ def _run_bool(m: _Message, name: str, args: list[str], data: Mapping[str, Any]) 
         return _html_any(m, lambda inv: args[0] in inv.inside
                          and _compare(inv.inside[args[0]], args[1]))
     if name == "html_text_match":
-        pattern = rx.compile(args[1])
+        pattern = _compiled(args[1])
         return _html_any(m, lambda inv: any(pattern.search(s) for s in inv.value(args[0]) or ()))
     if name == "relay_header":
         header, pattern, flags = args[0], args[1], args[2] if len(args) > 2 else ""
@@ -923,7 +936,7 @@ def _run_bool(m: _Message, name: str, args: list[str], data: Mapping[str, Any]) 
             value = headers_below_trust(view, m.relays, header) or ""
         else:
             value = relay_pseudo_header(m.relays, header) or ""
-        return bool(rx.compile(pattern, _regex_flags(flags)).search(value)) != negate
+        return bool(_compiled(pattern, flags).search(value)) != negate
     raise ValueError(f"unknown SpamAssassin eval {name!r}")
 
 
