@@ -3,7 +3,8 @@
 Trusts: the store for counts; the verdict of the scan for autolearn decisions.
 Reads: bayes.enabled, bayes.autolearn, bayes.autolearn_spam, bayes.autolearn_ham,
 bayes.expire_interval, bayes.token_max_age_days, bayes.max_db_tokens, bayes.batch_size,
-scan.check_timeout (this check's timeout unless its binding sets one) and the classifier/store settings (filterd.bayes, filterd.stores).
+scan.check_timeout (this check's timeout unless its binding sets one) and the
+classifier/store settings (filterd.bayes, filterd.stores).
 Emits: BAYES_00, BAYES_05, BAYES_20, BAYES_40, BAYES_50, BAYES_60, BAYES_80, BAYES_95,
 BAYES_99, BAYES_999 (the band of the spam probability; options: the probability and the
 number of tokens combined), BAYES_UNTRAINED (fewer than bayes.min_spam spam or bayes.min_ham
@@ -158,7 +159,7 @@ async def bayes_classify(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
         return []
     svc = service_for(ctx)
     if svc.reads_inline():
-        # A SQLite read takes ~0.2 ms of CPU and a hop to a worker thread ~0.07 ms more
+        # A SQLite read takes ~0.3 ms of CPU and a hop to a worker thread ~0.065 ms more
         # (docs/bayes.md), while tokenising holds the GIL on any thread: so the whole
         # check runs here. The check's timeout, which cannot cancel code that never
         # awaits, becomes the store's read deadline instead (BAYES_STORE_ERROR past it).
