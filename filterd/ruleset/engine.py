@@ -204,6 +204,11 @@ def prefilter_pattern(pattern: str) -> str:
             i += 2
             continue
         if in_class:
+            posix = re.match(r"\[:\^?[a-z]+:\]", pattern[i:])
+            if posix:                # [:punct:] inside a class: its ] does not close the class
+                out.append(posix.group(0))
+                i += posix.end()
+                continue
             if c == "]" and not (out and out[-1] in ("[", "[^")):
                 in_class = False
             out.append(c)
@@ -240,14 +245,18 @@ def _hyperscan_pattern(pattern: str) -> bytes:
     return prefilter_pattern(pattern).encode("utf-8")
 
 
-def _hs_flags(flags: str, *, multiline: bool = False, exact: bool = False) -> int:
+def _hs_flags(flags: str, *, multiline: bool = False, exact: bool = False,
+              utf8: bool = True) -> int:
     """Hyperscan flags of one expression.
 
     An exact translation spells out case, dot-all and line anchors itself (filterd.ruleset.exact),
-    so it takes none of the rule's flags; a prefilter expression takes them all.
+    so it takes none of the rule's flags; a prefilter expression takes them all. The ASCII
+    translation (only ever given ASCII text) is compiled without UTF-8 mode.
     """
     assert hyperscan is not None
-    value = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY | hyperscan.HS_FLAG_UTF8
+    value = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY
+    if utf8:
+        value |= hyperscan.HS_FLAG_UTF8
     if exact:
         return value
     value |= hyperscan.HS_FLAG_PREFILTER
@@ -282,12 +291,12 @@ def _exprs_of(rule: Rule, exact_mode: bool) -> tuple[_Expr, _Expr]:
     if not exact_mode:
         return prefilter, prefilter
     tr = translate(rule.pattern, rule.flags)
-    ascii_expr = (tr.ascii.encode("utf-8"), _hs_flags("", exact=True), True) \
+    ascii_expr = (tr.ascii.encode("ascii"), _hs_flags("", exact=True, utf8=False), True) \
         if tr.ascii is not None else prefilter
     if tr.ascii_never:
-        # nothing in ASCII text can match (the pattern needs a non-ASCII character): U+00FF,
-        # which ASCII text never holds, stands in as an exact expression that never fires
-        ascii_expr = (b"\\x{ff}", _hs_flags("", exact=True), True)
+        # nothing in ASCII text can match (the pattern needs a non-ASCII character): the byte
+        # 0xff, which ASCII text never holds, stands in as an exact expression that never fires
+        ascii_expr = (b"\\xff", _hs_flags("", exact=True, utf8=False), True)
     unicode_expr = (tr.unicode.encode("utf-8"), _hs_flags("", exact=True), True) \
         if tr.unicode is not None else prefilter
     return ascii_expr, unicode_expr
@@ -546,6 +555,19 @@ class Engine:
             for rule in group.rules:
                 self._confirm(rule, value, budget, hits, errors)
             return
+        if group.re_rules:
+            # hits of the rules outside the databases go into rule order with the others
+            found_hits = RuleHits()
+            self._match_single_hs(group, value, data, exact, budget, found_hits, errors)
+            for rule in group.re_rules:
+                self._confirm(rule, value, budget, found_hits, errors)
+            for name in sorted(found_hits, key=group.order.__getitem__):
+                hits[name] = found_hits._entries[name]
+        else:
+            self._match_single_hs(group, value, data, exact, budget, hits, errors)
+
+    def _match_single_hs(self, group: _Group, value: str, data: bytes, exact: bool,
+                         budget: float, hits: RuleHits, errors: list[tuple[str, str]]) -> None:
         db, trusted = self._database(group, exact, value, data)
         found = self._scan(db, data)
         ids = found.union(group.negated_ids) if group.negated_ids else found
@@ -560,8 +582,6 @@ class Engine:
                     hits[rule.name] = _DeferredExcerpt(rule, value, budget)
             else:
                 self._confirm(rule, value, budget, hits, errors)
-        for rule in group.re_rules:
-            self._confirm(rule, value, budget, hits, errors)
 
     def _confirm(self, rule: Rule, value: str | None, budget: float, hits: RuleHits,
                  errors: list[tuple[str, str]]) -> None:

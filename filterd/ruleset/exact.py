@@ -13,14 +13,15 @@ a pattern `re` parses differently from `regex` (it warns, e.g. POSIX classes, or
 Two translations per pattern, because Python's Unicode semantics of `\\w`, `\\b` and
 case-insensitive letters have no cheap Hyperscan equivalent but collapse to ASCII ones on ASCII
 text:
-  ascii    exact on texts that are pure ASCII (the engine scans such texts with it);
+  ascii    exact on texts that are pure ASCII (the engine scans such texts with it; it uses
+           only one-byte classes and is compiled without Hyperscan's UTF-8 mode);
   unicode  exact on every text, or None when some construct would need Unicode tables
            (`\\w`, `\\W`, `\\b`, a non-ASCII letter under `i`).
 Every single-character item (literal, class, `.`) is turned into an explicit class whose
 members are computed by asking the `regex` module itself about each ASCII character, so case
-folding, `\\s`, `\\d` and negation mean exactly what they mean to the per-rule path. Three
-non-ASCII characters fold onto ASCII letters under `i` (U+0130 onto i, U+017F onto s, U+212A
-onto k; a unit test checks the list over all of Unicode) and are added where they belong.
+folding, `\\s`, `\\d` and negation mean exactly what they mean to the per-rule path. Four
+non-ASCII characters match ASCII letters under `i` (U+0130 i, U+0131 I, U+017F s/S, U+212A
+k/K; a unit test checks the list over all of Unicode) and are added where they belong.
 
 A one-character lookbehind opening the pattern or lookahead closing it becomes a consumed
 character: `(?<![:\\d])x` is `(?:\\A|[^:\\d])x`, which matches exactly when the original does.
@@ -52,14 +53,18 @@ except ImportError:  # pragma: no cover - Python versions without re._parser
     HAVE_PARSER = False
 
 # Above this count (the product of nested counts) a repeat ({m,n}) stays in prefilter mode:
-# Hyperscan unrolls counted repeats, and large nested ones compile slowly or not at all.
-MAX_EXACT_REPEAT = 256
+# Hyperscan unrolls counted repeats; many of them above ~100 in one database made the imported
+# SpamAssassin body rules take minutes to compile (100: 10 s, 256: 121 s for 506 rules).
+MAX_EXACT_REPEAT = 100
 
-# Non-ASCII characters the `regex` module matches against an ASCII letter under IGNORECASE
-# (simple case folding). Verified over every code point by tests/unit/test_rules_engine.py.
-ASCII_FOLD_EXTRAS = {"i": "\u0130", "s": "\u017f", "k": "\u212a"}
+# Non-ASCII characters the `regex` module matches against an ASCII character under IGNORECASE
+# (simple case folding; not symmetric: i matches U+0130, I matches U+0131). Verified over every
+# code point by tests/unit/test_rules_engine.py.
+ASCII_FOLD_EXTRAS = {"i": "\u0130", "I": "\u0131", "k": "\u212a", "K": "\u212a",
+                     "s": "\u017f", "S": "\u017f"}
 
 _ASCII = "".join(map(chr, range(128)))
+_POSIX_CLASS = re.compile(r"\[(?::\^?[A-Za-z]+:|=[^]]*=|\.[^]]*\.)\]")
 _MAX_CODE = 0x10FFFF
 _SURROGATES = (0xD800, 0xDFFF)
 
@@ -95,6 +100,9 @@ def translate(pattern: str, flags: str) -> Translation:
                         ("x", re.VERBOSE)):
         if letter in flags:
             value |= bit
+    if _POSIX_CLASS.search(pattern):
+        # `regex` reads [:punct:] inside a class as a POSIX class, `re` as five characters
+        return Translation(None, None, reason="POSIX class ([:name:]): re reads it otherwise")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -106,13 +114,15 @@ def translate(pattern: str, flags: str) -> Translation:
         ascii_text = _Emitter(ascii_only=True).pattern(list(tree), global_flags)
     except _NotExact as exc:
         return Translation(None, None, reason=str(exc))
+    except Exception as exc:  # a parse tree this module does not know: no translation
+        return Translation(None, None, reason=f"not translated: {type(exc).__name__}: {exc}")
     try:
         unicode_text = _Emitter(ascii_only=False).pattern(list(tree), global_flags)
         reason = ""
     except _Unicode as exc:
         unicode_text, reason = None, str(exc)
-    except _NotExact as exc:  # pragma: no cover - the ascii pass refuses the same constructs
-        return Translation(None, None, reason=str(exc))
+    except Exception as exc:  # pragma: no cover - the ascii pass refuses the same constructs
+        return Translation(None, None, reason=f"not translated: {type(exc).__name__}: {exc}")
     if ascii_text is None:
         return Translation(None, unicode_text, ascii_never=True, reason=reason)
     return Translation(ascii_text, unicode_text, reason=reason)
@@ -212,7 +222,11 @@ class _Emitter:
                 return "^"
             # Python's multi-line ^ also matches after a final newline, Hyperscan's does not:
             # exact only when what follows must consume a character
-            if not rest or P.SubPattern(P.State(), list(rest)).getwidth()[0] < 1:
+            try:
+                consumes = bool(rest) and P.SubPattern(P.State(), list(rest)).getwidth()[0] >= 1
+            except Exception:    # e.g. a backreference, whose width the parser cannot tell
+                consumes = False
+            if not consumes:
                 raise _NotExact("multi-line ^ may be checked at the end of the text")
             return "(?m:^)"
         if code is C.AT_BEGINNING_STRING:
@@ -249,10 +263,38 @@ def _class_text(op: Any, av: Any, ignore_case: bool, dotall: bool, unicode: bool
         ranges = ranges + list(non_ascii)
     if not ranges:
         return None
+    if unicode:
+        # The same set written as what it leaves out, when that is shorter: `[^<]` rather than
+        # hundreds of Unicode ranges (Hyperscan compiles the short form much faster). The ASCII
+        # translation keeps one-byte classes: it is compiled without UTF-8 mode, for ASCII
+        # text only, where those are cheapest.
+        left_out = _without_surrogates(_subtract([(0, _MAX_CODE)], ranges))
+        if not left_out:
+            return "(?s:.)"
+        if len(left_out) < len(ranges):
+            return "[^" + _spell(left_out) + "]"
     if len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
         return _code(ranges[0][0])
-    return "[" + "".join(_code(lo) if lo == hi else f"{_code(lo)}-{_code(hi)}"
-                         for lo, hi in ranges) + "]"
+    return "[" + _spell(ranges) + "]"
+
+
+def _spell(ranges: list[tuple[int, int]]) -> str:
+    return "".join(_code(lo) if lo == hi else f"{_code(lo)}-{_code(hi)}" for lo, hi in ranges)
+
+
+def _subtract(universe: list[tuple[int, int]], ranges: list[tuple[int, int]]
+              ) -> list[tuple[int, int]]:
+    """The parts of `universe` (one range) outside `ranges` (sorted, disjoint)."""
+    lo_all, hi_all = universe[0]
+    out: list[tuple[int, int]] = []
+    start = lo_all
+    for lo, hi in _merge(list(ranges)):
+        if lo > start:
+            out.append((start, min(lo - 1, hi_all)))
+        start = max(start, hi + 1)
+    if start <= hi_all:
+        out.append((start, hi_all))
+    return out
 
 
 def _freeze(av: Any) -> Any:
@@ -349,7 +391,7 @@ def _members(op: Any, av: Any, ignore_case: bool, dotall: bool, *, unicode: bool
                 return frozenset(ascii_points), None
             explicit.extend(_category_ranges(name))
     if ignore_case:
-        for extra in ASCII_FOLD_EXTRAS.values():
+        for extra in sorted(set(ASCII_FOLD_EXTRAS.values())):
             if positive.fullmatch(extra):
                 explicit.append((ord(extra), ord(extra)))
     merged = _merge(explicit)

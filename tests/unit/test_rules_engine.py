@@ -1,4 +1,5 @@
-"""The pattern rule engine: every rule kind, helpers, metas, errors, budgets, both match paths."""
+"""The pattern rule engine: every rule kind, helpers, metas, errors, budgets, the three match
+paths, exact Hyperscan translations and lazy excerpts."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from filterd.config import PROJECT_RULES
 from filterd.message import parse
 from filterd.pipeline import ScanContext
 from filterd.ruleset import RulesetError, load
+from filterd.ruleset import exact
 from filterd.ruleset.check import meta, rules
+from filterd.ruleset.engine import HAVE_HYPERSCAN, _python_flags
 from filterd.ruleset.fit import make_settings
 
 SETTINGS = make_settings()
@@ -411,3 +415,172 @@ def test_excerpt_is_short_and_single_line(tmp_path: Path) -> None:
     _, ctx = run(load(make_rules(tmp_path, body)))
     excerpt = ctx.notes["rule_matches"]["LONG"]
     assert "\n" not in excerpt and len(excerpt) <= 82 and excerpt.startswith("<p>Click")
+
+
+# --- exact Hyperscan translations (filterd.ruleset.exact) -------------------------------------
+hyperscan_only = pytest.mark.skipif(not HAVE_HYPERSCAN, reason="hyperscan not installed")
+
+
+def test_fold_extras_are_every_non_ascii_character_matching_an_ascii_letter() -> None:
+    # the table exact.py relies on, checked over all of Unicode with the `regex` module itself
+    import regex
+    everything = exact._non_ascii_text()
+    found: dict[str, str] = {}
+    for point in range(128):
+        for char in regex.findall(f"(?i)\\x{point:02x}", everything):
+            found[chr(point)] = found.get(chr(point), "") + char
+    assert found == exact.ASCII_FOLD_EXTRAS
+    # and no other non-ASCII character matches any ASCII-only class
+    assert set(regex.findall(r"(?i)[\x00-\x7f]", everything)) == \
+        set(exact.ASCII_FOLD_EXTRAS.values())
+
+
+@pytest.mark.parametrize("pattern, flags, ascii_exact, unicode_exact", [
+    (r"viagra", "i", True, True),
+    (r"^Subject: \d{1,3}\s+off$", "m", True, True),
+    (r"\bfree\b", "", True, False),                 # Unicode \b: ASCII texts only
+    (r"\w+@\w+", "", True, False),
+    (r"caf[ée]", "i", True, False),                 # non-ASCII letter under i
+    (r"caf[ée]", "", True, True),
+    (r"(?<![:\d])\d{1,2}:\d{2}", "", True, True),   # one-character lookbehind at the start
+    (r"x(?!y)", "", True, True),                    # one-character lookahead at the end
+    (r"x(?=a)y", "", False, False),                 # a lookahead elsewhere
+    (r"(a)\1", "", False, False),                   # backreference
+    (r"a++b", "", False, False),                    # possessive
+    (r"(?>a+)b", "", False, False),                 # atomic group
+    (r"x\By", "", False, False),
+    (r"(?m)^$", "", False, False),                  # ^ may be checked at the very end
+    (r"(?m)^a", "", True, True),
+    (r"(?:\$\d[^$]{0,400}){6}", "", False, False),  # nested repeats weigh 2,400
+    (r"[[:alpha:]]", "", False, False),             # POSIX class: re reads it otherwise
+    (r"[^a-z[:punct:]]x", "", False, False),        # ... even where re does not warn
+])
+def test_translate_decides_per_pattern(pattern: str, flags: str, ascii_exact: bool,
+                                       unicode_exact: bool) -> None:
+    tr = exact.translate(pattern, flags)
+    assert (tr.ascii is not None) == ascii_exact, tr
+    assert (tr.unicode is not None) == unicode_exact, tr
+
+
+def _hs_search(expression: str, text: str, *, utf8: bool = True) -> bool | None:
+    """Whether Hyperscan finds the exact expression in text; None if it refuses to compile."""
+    import hyperscan
+
+    from filterd.ruleset.engine import _hs_compile, _hs_flags
+    try:
+        db = _hs_compile([expression.encode("utf-8")], [_hs_flags("", exact=True, utf8=utf8)])
+    except hyperscan.error:
+        return None
+    found: list[int] = []
+    db.scan(text.encode("utf-8"), match_event_handler=lambda i, *_: found.append(i),
+            scratch=hyperscan.Scratch(db))
+    return bool(found)
+
+
+ATOMS = ["a", "k", "s", "i", "K", "S", "I", "x", "é", "É", "\u212a", "\u017f", " ", r"\n", r"\.",
+         "[a-z]", "[^a]", r"[^\n]", r"\d", r"\D", r"\s", r"\S", r"\w", r"\W", ".", "[ks]",
+         "[0-9]", "[é-ü]", "[^é]", "^", "$", r"\A", r"\Z", r"\b"]
+TEXT_ALPHABET = list("aksixKSIX\u212a\u017f\u0130\u0131éÉ \n.09\u0663\u00a0_-\U0001f600")
+
+
+def _patterns() -> st.SearchStrategy[str]:
+    def grow(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+        return st.one_of(
+            st.lists(inner, min_size=2, max_size=4).map("".join),
+            st.tuples(inner, inner).map(lambda p: f"(?:{p[0]}|{p[1]})"),
+            st.tuples(inner, st.sampled_from(["*", "+", "?", "{1,3}", "{2}", "*?", "{0,2}?"]))
+            .map(lambda p: f"(?:{p[0]}){p[1]}"),
+            st.tuples(st.sampled_from(["(?<![a-z])", "(?<=\\d)", "(?<!\\s)", ""]), inner,
+                      st.sampled_from(["(?=\\d)", "(?![k.])", "(?!\\w)", ""]))
+            .map("".join))
+    return st.recursive(st.sampled_from(ATOMS), grow, max_leaves=8)
+
+
+@hyperscan_only
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pattern=_patterns(), flags=st.sampled_from(["", "i", "s", "m", "im", "is", "ims"]),
+       texts=st.lists(st.text(alphabet=TEXT_ALPHABET, max_size=10), min_size=1, max_size=12))
+def test_exact_translation_matches_like_regex(pattern: str, flags: str, texts: list[str]) -> None:
+    import regex
+    try:
+        compiled = regex.compile(pattern, _python_flags(flags))
+    except regex.error:
+        return
+    tr = exact.translate(pattern, flags)
+    for text in texts:
+        expected = compiled.search(text) is not None
+        if tr.unicode is not None:
+            got = _hs_search(tr.unicode, text)
+            assert got in (None, expected), (pattern, flags, text, tr.unicode)
+        ascii_text = text.encode("ascii", "ignore").decode()
+        expected_ascii = compiled.search(ascii_text) is not None
+        if tr.ascii is not None:
+            got = _hs_search(tr.ascii, ascii_text, utf8=False)
+            assert got in (None, expected_ascii), (pattern, flags, ascii_text, tr.ascii)
+        elif tr.ascii_never:
+            assert not expected_ascii, (pattern, flags, ascii_text)
+
+
+# --- lazy excerpts and the three match paths -----------------------------------------------------
+def test_exact_hits_search_their_excerpt_only_when_read(tmp_path: Path) -> None:
+    body = """
+    [rule.B_VERIFY]
+    kind = "body"
+    pattern = 'verify your account'
+    description = "exact in Hyperscan"
+    """
+    ruleset = load(make_rules(tmp_path, body))
+    view = parse(MESSAGE)
+    result = ruleset.engine.match(view, mode="auto")
+    assert "B_VERIFY" in result.hits
+    if HAVE_HYPERSCAN:
+        assert ruleset.engine.exact_rules["B_VERIFY"] == "all texts"
+        assert not isinstance(result.hits._entries["B_VERIFY"], str)   # nothing searched yet
+    assert result.hits["B_VERIFY"] == ruleset.engine.match(view, mode="re").hits["B_VERIFY"]
+    assert isinstance(result.hits._entries["B_VERIFY"], str)             # searched once, kept
+
+
+@hyperscan_only
+def test_all_three_paths_give_the_same_hits_and_excerpts(corpora_dir: Path) -> None:
+    ruleset = load(PROJECT_RULES, None)
+    files = sorted(p for p in corpora_dir.glob("*/*/*") if p.is_file())[::401]
+    assert len(files) > 25
+    for path in files:
+        raw = path.read_bytes()
+        results = {mode: ruleset.engine.match(parse(raw), mode=mode, rule_timeout=5.0)
+                   for mode in ("auto", "prefilter", "re")}
+        plain = dict(results["re"].hits.items())
+        for mode in ("auto", "prefilter"):
+            assert list(results[mode].hits) == list(plain), (path, mode)
+            assert dict(results[mode].hits.items()) == plain, (path, mode)
+            assert not results[mode].errors, (path, mode)
+
+
+def _imported_spamassassin_rules(tmp_path: Path):
+    """The stock SpamAssassin rules through `filterd rules import-sa`, on top of the shipped set."""
+    from filterd.ruleset import sa_import
+    sa_dir = Path("/usr/share/spamassassin")
+    if not sa_dir.is_dir():
+        pytest.skip(f"{sa_dir} not found")
+    result = sa_import.import_files(sorted(Path("/etc/spamassassin").glob("*.pre"))
+                                    + sorted(sa_dir.glob("*.cf")))
+    site = tmp_path / "site"
+    (site / "local.d").mkdir(parents=True)
+    (site / "local.d" / "sa.toml").write_text(sa_import.to_toml(result))
+    return load(PROJECT_RULES, site)
+
+
+@pytest.mark.slow
+@hyperscan_only
+def test_imported_spamassassin_rules_same_hits_on_every_corpus_message(corpora_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    import os
+    engine = _imported_spamassassin_rules(tmp_path).engine
+    assert len(engine.exact_rules) > 500
+    every = int(os.environ.get("FILTERD_TEST_EVERY", "1"))     # a quicker look: every Nth
+    for path in sorted(p for p in corpora_dir.glob("*/*/*") if p.is_file())[::every]:
+        raw = path.read_bytes()
+        auto = engine.match(parse(raw), mode="auto", rule_timeout=5.0)
+        plain = engine.match(parse(raw), mode="re", rule_timeout=5.0)
+        assert list(auto.hits) == list(plain.hits), path
+        assert not auto.errors and not plain.errors, path
