@@ -193,15 +193,20 @@ def _inspect_message(msg: MessageView, policy: NamePolicy, limits: Limits) -> li
     return examine_parts(_whole_parts(msg), policy, limits)
 
 
+# Limits is a slots dataclass: its class attributes are slot descriptors, not the defaults,
+# so the defaults of the check's arguments come from an instance.
+_DEFAULT_LIMITS = Limits()
+
+
 @check("banned_files", phase=Phase.MAIN, symbols=SYMBOLS)
 async def banned_files(msg: MessageView, ctx: ScanContext, *, extensions: Sequence[str],
                        decoy_extensions: Sequence[str] = (),
                        executable_types: Sequence[str] = (),
-                       max_depth: int = Limits.max_depth,
-                       max_members: int = Limits.max_members,
-                       max_expanded_bytes: int = Limits.max_expanded_bytes,
-                       max_member_read: int = Limits.max_member_read,
-                       time_budget: float = Limits.time_budget) -> list[Symbol]:
+                       max_depth: int = _DEFAULT_LIMITS.max_depth,
+                       max_members: int = _DEFAULT_LIMITS.max_members,
+                       max_expanded_bytes: int = _DEFAULT_LIMITS.max_expanded_bytes,
+                       max_member_read: int = _DEFAULT_LIMITS.max_member_read,
+                       time_budget: float = _DEFAULT_LIMITS.time_budget) -> list[Symbol]:
     policy = _name_policy(tuple(extensions), tuple(decoy_extensions), tuple(executable_types))
     limits = Limits(max_depth=int(max_depth), max_members=int(max_members),
                     max_expanded_bytes=int(max_expanded_bytes),

@@ -256,3 +256,14 @@ def test_banned_check_leaves_the_loop_only_when_it_must():
     in_worker = asyncio.run(run_check(mail(buf.getvalue(), "x.zip")))
     assert [(s.name, s.options) for s in in_worker] == [
         ("BANNED_IN_ARCHIVE", ("x.zip/invoice.exe (extension)",))]
+
+
+def test_banned_check_defaults_its_archive_limits():
+    # a binding that names only the extensions gets the Limits defaults (slot descriptors
+    # were passed to int() before)
+    from filterd.checks import banned
+    raw = (b"From: a@b.example\r\nSubject: s\r\nContent-Type: application/octet-stream; "
+           b"name=\"setup.exe\"\r\nContent-Disposition: attachment; filename=\"setup.exe\"\r\n"
+           b"\r\nMZ\r\n")
+    found = asyncio.run(banned.banned_files(parse(raw), None, extensions=["exe"]))
+    assert [(s.name, s.options) for s in found] == [("BANNED_EXTENSION", ("setup.exe",))]
