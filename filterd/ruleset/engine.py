@@ -4,18 +4,21 @@ Trusts: nothing in the message; rule files only as far as `compile_ruleset` has 
 (every error is a RulesetError naming file:line, rule and field, raised at load so a reload can
 refuse it). Settings (read per scan by filterd.ruleset.check): rules.engine, rules.rule_timeout.
 Symbols: each non-helper rule that fires emits its own name; RULE_ERROR (options: rule, reason)
-when one rule raised or overran its time budget. `__NAME` rules are helpers for meta rules and
+when one rule raised or overran its time budget (only regex work has one: confirmations and
+rule-by-rule searches; exact Hyperscan matching is linear). `__NAME` rules are helpers for meta rules and
 are never emitted.
 
 How matching works. Rules are grouped by *target*, the text they read: "body", "rawbody",
-"full", "uri", "header:<name>[:raw|:addr|:name]", "mimeheader:<name>". For each target all
-patterns are compiled into one Hyperscan database in prefilter mode (a superset of the real
-matches, one pass over the text whatever the number of rules); each candidate is then confirmed
-with the `regex` module (stdlib `re` when it is missing) on the same text, which also gives the
-excerpt for `filterd scan --explain` and makes the result exactly that of the per-rule path.
-Patterns Hyperscan cannot take, texts it cannot be given (lone surrogates) and a missing
-`hyperscan` module fall back to one regex search per rule. `Engine.match(view, mode="re")`
-forces that path; tests compare both on the whole corpus.
+"full", "uri", "header:<name>[:raw|:addr|:name]", "mimeheader:<name>". For each target the
+patterns are compiled into Hyperscan databases, one pass over a text whatever the number of
+rules: one database for pure-ASCII texts, one for the rest. A pattern filterd.ruleset.exact can
+translate exactly is trusted as Hyperscan reports it (its excerpt for `filterd scan --explain`
+is searched with `regex` only when read: RuleHits); every other pattern is there in prefilter
+mode (a superset) and each candidate is confirmed with the `regex` module (stdlib `re` when
+it is missing), which makes the result exactly that of the per-rule path. Patterns Hyperscan
+cannot take, texts it cannot be given (lone surrogates) and a missing `hyperscan` module fall
+back to one regex search per rule. `Engine.match(view, mode="prefilter")` confirms every
+candidate, `mode="re"` forces the per-rule path; tests compare all three on the corpus.
 
 Pattern syntax is Python's (`regex` module dialect: possessive quantifiers, atomic groups and
 POSIX classes work too); flags are a string of i (ignore case), s (dot matches newline),
