@@ -214,6 +214,44 @@ def translate_regex(pattern: str, flags: str) -> tuple[str, str]:
     return translated, our_flags
 
 
+def depends_on_sa_body_lines(pattern: str, flags: str = "") -> bool:
+    """Whether a `body` pattern can match differently on SpamAssassin's body lines than on the
+    engine's body text: a literal space (SpamAssassin squeezes every whitespace run, line
+    breaks included, to one space; `no exercise` matches `no\\nexercise` there), a `.` (it
+    spans a soft line break inside a paragraph there) or a ^/$ anchor (lines are paragraphs
+    there). Escapes other than `\\ ` and character classes do not count: `\\s` and `[^.]`
+    already match a line break in the engine's text."""
+    i, n = 0, len(pattern)
+    extended = "x" in flags
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            if i + 1 < n and pattern[i + 1] == " ":
+                return True
+            i += 2
+            continue
+        if c == "[":
+            # a class ends at the first unescaped ] after its first member (`[]a]`, `[^]a]`)
+            j = i + 1
+            if j < n and pattern[j] == "^":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            i = j + 1
+            continue
+        if extended and c == "#":
+            # a comment to the end of the line in x mode
+            end = pattern.find("\n", i)
+            i = n if end < 0 else end + 1
+            continue
+        if c in ".^$" or (c == " " and not extended):
+            return True
+        i += 1
+    return False
+
+
 def _parse_header_rule(rest: str, tags: ReplaceTags | None = None) -> dict[str, Any]:
     rest = rest.strip()
     if rest.startswith("exists:"):
@@ -973,10 +1011,12 @@ def import_files(paths: list[Path], *, prefix: str = "") -> ImportResult:
                 # URIs (__UNSUB_LINK matches "mailto:list-unsubscribe@..."); sa_evals builds it
                 result.local_evals[name] = ["uri", entry["pattern"], entry.get("flags", "")]
                 continue
-            if kind == "body" and tags is not None:
-                # ReplaceTags look-alike patterns (<WS>*, (?!click\shere)) depend on
-                # SpamAssassin's whitespace-squeezed body lines, which sa_evals builds and the
-                # engine's body text (line breaks kept) is not
+            if kind == "body" and (tags is not None or depends_on_sa_body_lines(
+                    entry["pattern"], entry.get("flags", ""))):
+                # ReplaceTags look-alike patterns (<WS>*, (?!click\shere)) and patterns with a
+                # literal space, `.` or ^/$ depend on SpamAssassin's whitespace-squeezed body
+                # lines (one per paragraph), which sa_evals builds and the engine's body text
+                # (line breaks kept) is not
                 result.local_evals[name] = ["body", entry["pattern"], entry.get("flags", "")]
                 continue
             result.rules[name] = entry

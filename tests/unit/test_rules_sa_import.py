@@ -74,7 +74,8 @@ def test_kinds_scores_descriptions_and_perl_regex(imported):
     assert imported.scores["LOC_SUBJ_FREE"] == 1.5          # the first score set
     assert rules["LOC_SUBJ_FREE"]["description"] == "Subject says free"
     assert rules["LOC_BODY_WIN"]["pattern"] == r"you\s+won\Z"
-    assert "LOC_IN_PLUGIN" in rules
+    # a body pattern with a space runs on SpamAssassin's body lines (sa_evals)
+    assert imported.local_evals["LOC_IN_PLUGIN"] == ["body", "plugin block", ""]
     assert rules["LOC_META"]["expression"] == "LOC_SUBJ_FREE && LOC_BODY_WIN"
 
 
@@ -222,11 +223,12 @@ def test_loadplugin_lines_decide_plugin_blocks_and_mime_encoding_evals(tmp_path:
     cf.write_text(PLUGIN_CF)
     result = sa_import.import_files([cf])
     assert {"LOC_IN_LOADED", "LOC_CANNOT", "LOC_VERSION"} <= set(result.rules)
-    assert not {"LOC_IN_NOT_LOADED", "LOC_CAN"} & set(result.rules)
+    assert not {"LOC_IN_NOT_LOADED", "LOC_CAN"} & (set(result.rules) | set(result.local_evals))
     # without loadplugin lines every ifplugin block is read and `if` is true unless negated
     cf.write_text(PLUGIN_CF.replace("loadplugin", "# loadplugin"))
     result = sa_import.import_files([cf])
-    assert {"LOC_IN_LOADED", "LOC_IN_NOT_LOADED", "LOC_CAN"} <= set(result.rules)
+    assert {"LOC_IN_LOADED", "LOC_CAN"} <= set(result.rules)
+    assert result.local_evals["LOC_IN_NOT_LOADED"][0] == "body"    # /not loaded/: a space
     assert "LOC_CANNOT" not in result.rules
     reasons = {s.name: s.reason for s in result.skipped}
     assert "check_for_mime" in reasons["LOC_QP_LONG"]
@@ -390,3 +392,44 @@ def test_spf_and_dkim_tests_read_filterds_auth_symbols(tmp_path: Path, base_rule
     # with filterd's auth check saying SPF passed, the meta does not fire
     assert "LOC_NOT_SPOOF" not in engine.evaluate_metas(
         {**{n: 1.0 for n in hits}, "SPF_PASS": 1.0})[0]
+
+
+def test_only_body_patterns_that_depend_on_spamassassins_lines_are_routed_to_sa_evals():
+    depends = sa_import.depends_on_sa_body_lines
+    # a literal (or escaped) space, a `.` or a ^/$ anchor: SpamAssassin squeezes whitespace
+    # and joins a paragraph's lines, so these match differently on its lines
+    assert depends(r"\blow.{0,4} (?-i:P)rice", "i")
+    assert depends(r"no\ exercise") and depends(r"via.gra") and depends(r"^Dear friend")
+    # escapes and classes already match a line break in the engine's body text
+    assert not depends(r"\bviagra\b") and not depends(r"a\.b\s+c") and not depends(r"[^.]{0,5}x")
+    assert not depends(r"[]. ^$]x") and not depends(r"[^]. ]x")
+    # in x mode a space and a # comment are not part of the pattern
+    assert not depends("cheap pills # a comment with . and ^", "x")
+
+
+def test_body_rule_with_a_space_matches_across_a_line_break_as_in_spamassassin(
+        tmp_path: Path, base_rules: Path):
+    cf = tmp_path / "space.cf"
+    cf.write_text(textwrap.dedent(r"""
+        body LOC_LOW_PRICE  /\blow.{0,4} (?-i:P)rice/i
+        body LOC_NO_EXERCISE /\bno exercis(?:e|ing)\b/i
+        body LOC_WORD       /\bviagra\b/i
+        score LOC_LOW_PRICE 1
+        score LOC_NO_EXERCISE 1
+        score LOC_WORD 1
+    """))
+    result = sa_import.import_files([cf])
+    assert result.local_evals["LOC_LOW_PRICE"][0] == "body"
+    assert result.local_evals["LOC_NO_EXERCISE"][0] == "body"
+    assert "LOC_WORD" in result.rules and "LOC_WORD" not in result.local_evals
+    site = tmp_path / "site"
+    (site / "local.d").mkdir(parents=True)
+    (site / "local.d" / "sa.toml").write_text(sa_import.to_toml(result))
+    engine = load(base_rules, site).engine
+    # the message breaks the line where the pattern has its space
+    view = parse(b"Subject: hi\n\nlowest\nPrice on viagra, no\n   exercise needed\n")
+    hits = set(engine.match(view).hits) | set(sa_evals.evaluate(view, result.local_evals))
+    assert {"LOC_LOW_PRICE", "LOC_NO_EXERCISE", "LOC_WORD"} <= hits
+    # a blank line ends SpamAssassin's paragraph: no match across it
+    apart = parse(b"Subject: hi\n\nno\n\nexercise\n")
+    assert "LOC_NO_EXERCISE" not in sa_evals.evaluate(apart, result.local_evals)

@@ -258,3 +258,19 @@ def test_dates_are_read_as_spamassassins_lenient_parser_reads_them():
     assert time_of("Sep 2 12:00:00 2002") == time_of("2 Sep 2002 00:00:00 +0000")
     assert time_of("31 Feb 99 25:61:00") == time_of("1 Mar 1999 23:59:00 +0000")   # clamped
     assert time_of("yesterday") is None
+
+
+def test_body_tests_run_on_paragraphs_with_whitespace_squeezed():
+    view = parse(b"Subject: Low\n  prices\n\nno\n \texercise,  lowest\nPrice\n\nend\n\nno\n\n"
+                 b"exercise\n")
+    lines = sa_evals.sa_body_lines(view)
+    # the folded Subject is its first line; each paragraph is one line, runs of spaces,
+    # tabs and line breaks inside it one space
+    assert [line.rstrip() for line in lines[1:]] == ["no exercise, lowest Price", "end", "no",
+                                                     "exercise"]
+    tests = {"SPACE": ["body", r"\bno exercis", "i"],
+             "DOT": ["body", r"\blow.{0,4} (?-i:P)rice", "i"],
+             "ANCHORED": ["body", r"^exercise\b", ""],
+             "ACROSS_PARAGRAPHS": ["body", r"\bend no\b", ""]}
+    hits, errors = sa_evals.evaluate_with_errors(view, tests)
+    assert set(hits) == {"SPACE", "DOT", "ANCHORED"} and not errors
