@@ -32,7 +32,9 @@ FreeMail, VBounce, Message::Metadata::Received), rewritten from their documented
   uri(pattern, flags)              a uri rule over SpamAssassin's URI list (sa_uris: the URLs and
                                    the text's e-mail addresses as mailto: URIs)
   body(pattern, flags)             a body rule over SpamAssassin's body lines (ReplaceTags rules,
-                                   whose look-alike patterns depend on its whitespace squeezing)
+                                   whose look-alike patterns depend on its whitespace squeezing,
+                                   and rules with a literal space, `.` or ^/$: see
+                                   sa_import.depends_on_sa_body_lines)
   count(KIND, pattern, flags, maxhits[, header])  a `tflags multiple` rule: how many times it
                                    matches the text SpamAssassin gives that kind of rule (body:
                                    Subject line + one line per rendered paragraph; rawbody:

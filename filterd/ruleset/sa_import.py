@@ -27,7 +27,10 @@ filterd's auth symbols (SPF_PASS, DKIM_VALID, ...) are not rewritten: metas read
 symbols (AUTH_EQUIVALENTS).
 ReplaceTags: replace_tag/pre/inter/post/start/end and replace_rules are applied; SpamAssassin's
 UTF-8 byte sequences in tag values ([\\xc3][\\xa0]) become classes of the characters they
-encode (utf8_bytes_as_characters), as filterd matches decoded text. A meta name no file
+encode (utf8_bytes_as_characters), as filterd matches decoded text. ReplaceTags body rules and
+body rules whose pattern has a literal space, `.` or ^/$ (depends_on_sa_body_lines) become
+local evals over SpamAssassin's whitespace-squeezed paragraph lines; the other body rules stay
+in the engine, whose body text keeps line breaks. A meta name no file
 defines is read as 0, as SpamAssassin does.
 DNS list tests (check_rbl, check_rbl_sub, check_uridnsbl with urirhssub/urirhsbl) become
 [check.NAME] bindings of dnsbl.ip / dnsbl.domain emitting the SpamAssassin rule names, scored
