@@ -15,8 +15,9 @@ is one voice among many, so its outage adds a zero-score symbol instead of a tem
 With SQLite the check runs on the event loop (no thread hop), its timeout enforced as a read
 deadline inside SQLite; with Redis it runs on a worker thread under the pipeline's timeout.
 
-Autolearn (an after-scan hook) learns a message when its score without the BAYES_* symbols
-reaches bayes.autolearn_spam or falls to bayes.autolearn_ham, never for a virus, a tempfailed
+Autolearn (an after-scan hook) learns a message when its score without the BAYES_* symbols,
+with the scores of the set without Bayes ([scores], not [bayes_scores]), reaches
+bayes.autolearn_spam or falls to bayes.autolearn_ham, never for a virus, a tempfailed
 or originating message, and never over a message learned before (by hand or otherwise):
 the store checks the digest in the same transaction. Learning runs on one background thread,
 off the scan path.
@@ -110,7 +111,12 @@ class BayesService:
             return None
         if verdict.action is Action.TEMPFAIL or verdict.virus_names:
             return None
-        score = sum(s.score for s in verdict.symbols if not s.name.startswith("BAYES_"))
+        # SpamAssassin's rule: decide with the scores of the set without Bayes, so that the
+        # lower rule weights of the [bayes_scores] set (and Bayes itself) cannot starve or feed
+        # the learner; BAYES_* symbols never count
+        scores = outcome.ruleset.scores
+        score = sum(scores.get(s.name, 0.0) for s in verdict.symbols
+                    if not s.name.startswith("BAYES_"))
         if score >= b.autolearn_spam:
             return SPAM
         if score <= b.autolearn_ham:

@@ -274,6 +274,38 @@ def test_autolearn_at_thresholds_and_never_over_a_learned_message(tmp_path):
     store.close()
 
 
+def test_autolearn_scores_with_the_set_without_bayes(tmp_path):
+    """The [bayes_scores] set weighs a rule less once Bayes voted; autolearn still sees the
+    rule's [scores] weight (as SpamAssassin's autolearn uses its non-Bayes score set)."""
+    from filterd.service import Scanner
+    settings = settings_for(tmp_path)
+    (tmp_path / "rules" / "phrase.toml").write_text(
+        '[rule.PILLS_PHRASE]\nkind = "body"\npattern = \'cheap meds\'\n'
+        'description = "test phrase"\n\n[scores]\nPILLS_PHRASE = 13.0\n\n'
+        '[score_sets]\nbayes_scores = ["BAYES_00", "BAYES_05", "BAYES_20", "BAYES_40", '
+        '"BAYES_50", "BAYES_60", "BAYES_80", "BAYES_95", "BAYES_99", "BAYES_999"]\n\n'
+        '[bayes_scores]\nPILLS_PHRASE = 1.0\n')
+    _copy_engine_rules(tmp_path / "rules")
+    _train(settings)
+    scanner = Scanner(settings)
+    scanner.start_services()
+    spam = msg("Cheap meds today", "cheap meds pharmacy online", mid="<al1@x>")
+    outcome = _scan(scanner, spam)
+    phrase = [s for s in outcome.verdict.symbols if s.name == "PILLS_PHRASE"]
+    assert phrase and phrase[0].score == 1.0          # scored with the Bayes set...
+    assert _bayes_symbols(outcome)[0].name in ("BAYES_99", "BAYES_999")
+    _log_and_wait(scanner, outcome)                    # ...but learned on its 13 points
+    store = open_token_store(settings)
+    assert store.learned_label(message_digest(spam)) == SPAM
+    store.close()
+
+
+def _copy_engine_rules(rules):
+    import shutil
+    from filterd.config import PROJECT_RULES
+    shutil.copy(PROJECT_RULES / "rules-engine.toml", rules / "rules-engine.toml")
+
+
 def test_autolearn_off_by_setting(tmp_path):
     from filterd.service import Scanner
     settings = settings_for(tmp_path, **{"bayes.autolearn": False})
