@@ -506,10 +506,58 @@ def sa_rawbody_chunks(view: MessageView) -> list[str]:
 _MAILTO_HREF = re.compile(r"""href\s*=\s*["']?\s*mailto:([^"'>\s]+)""", re.I)
 
 
+_PERCENT_ESCAPE = re.compile(r"(%[0-9a-fA-F]{2})")
+# an escape SpamAssassin's url_encode keeps: its unanchored test finds 20, 7f or a pair whose
+# first digit is 0, 1, 8, 9 or a-f anywhere in "%XX" (so %2E, %2F, %3A are decoded, %0A, %A5 not)
+_KEPT_ESCAPE = re.compile(r"20|7f|[0189a-f][0-9a-f]", re.I)
+_NEEDS_ESCAPE = re.compile(r'[\x00-\x20\x7f"%<>]')
+
+
+def _sa_percent_decoded(uri: str) -> str:
+    """The URI with its printable %-escapes decoded and its control, space, `"`, `%`, `<`, `>`
+    and non-ASCII characters escaped, as SpamAssassin's Util::url_encode (misnamed) does."""
+    out = []
+    for piece in _PERCENT_ESCAPE.split(uri):
+        if _PERCENT_ESCAPE.fullmatch(piece):
+            out.append(piece if _KEPT_ESCAPE.search(piece) else chr(int(piece[1:], 16)))
+        elif piece.isascii() and not _NEEDS_ESCAPE.search(piece):
+            out.append(piece)
+        else:
+            # SpamAssassin sees octets: a non-ASCII character is escaped byte by byte
+            out.append("".join(f"%{byte:02x}" if byte > 0x7e or byte <= 0x20 or byte in b'"%<>'
+                               else chr(byte) for byte in piece.encode("utf-8", "replace")))
+    return "".join(out)
+
+
+def sa_canonical_uri(uri: str) -> str:
+    """The copy SpamAssassin's uri_list_canonicalize adds to its URI list for `uri` (the first
+    steps: backslashes as slashes, `http:host` as `http://host`, %-escapes decoded, a missing
+    scheme as http://, `host?q` as `host/?q`, printable &#N; entities decoded); the hostname
+    variants it adds after that are not modelled."""
+    canonical = uri.replace("\\", "/")
+    canonical = re.sub(r"^(https?:)/{0,2}", r"\1//", canonical, flags=re.I)
+    if _PERCENT_ESCAPE.search(canonical):
+        canonical = _sa_percent_decoded(canonical)
+    if not re.match(r"[-_a-z0-9]+:", canonical, re.I):
+        canonical = ("ftp://" if canonical.startswith("ftp.") else "http://") + canonical
+    canonical = re.sub(r"^(https?://[^/?#]+)([?#])", r"\1/\2", canonical, flags=re.I)
+    canonical = re.sub(r"&#0*(3[3-9]|[4-9]\d|1[01]\d|12[0-6]);",
+                       lambda m: chr(int(m.group(1))), canonical)
+    canonical = re.sub(r"&#x0*(2[1-9]|[3-6][a-fA-F0-9]|7[0-9a-eA-E]);",
+                       lambda m: chr(int(m.group(1), 16)), canonical)
+    return re.sub(r"&#(?:x2e|12290|x3002|65294|xff0e|65377|xff61);", ".", canonical, flags=re.I)
+
+
 def sa_uris(view: MessageView) -> list[str]:
-    """The URIs `uri` rules see: the message's URLs plus, as SpamAssassin's URI list has them,
-    every e-mail address of the text parts and every mailto: link as `mailto:ADDRESS`."""
-    out = dict.fromkeys(view.urls)
+    """The URIs `uri` rules see: the message's URLs, each followed by SpamAssassin's canonical
+    copy when that differs (sa_canonical_uri: %-decoded hosts such as
+    `http://%64%38...` -> `http://d8...`), plus, as SpamAssassin's URI list has them, every
+    e-mail address of the text parts and every mailto: link as `mailto:ADDRESS`."""
+    out: dict[str, None] = {}
+    for url in view.urls:
+        out.setdefault(url, None)
+        if not url.lower().startswith("mailto:") and "@" not in url.split(":", 1)[0]:
+            out.setdefault(sa_canonical_uri(url.strip()), None)
     for part in view.text_parts:
         text = part.text
         if part.content_type == "text/html":

@@ -274,3 +274,27 @@ def test_body_tests_run_on_paragraphs_with_whitespace_squeezed():
              "ACROSS_PARAGRAPHS": ["body", r"\bend no\b", ""]}
     hits, errors = sa_evals.evaluate_with_errors(view, tests)
     assert set(hits) == {"SPACE", "DOT", "ANCHORED"} and not errors
+
+
+def test_uri_list_adds_spamassassins_canonical_copy_of_each_url():
+    canonical = sa_evals.sa_canonical_uri
+    # printable %-escapes are decoded (a hex-encoded host becomes readable), control and
+    # high-bit escapes are kept, and what needs escaping is escaped octet by octet
+    assert canonical("http://%64%38%31%31%30%33%39%2E%65%78%61%6D%70%6C%65%2E%63%6F%6D/%70/") \
+        == "http://d811039.example.com/p/"
+    assert canonical('http://a.example/x%0Ay%A5 "\u00e9') == "http://a.example/x%0Ay%A5%20%22%c3%a9"
+    # scheme repaired or added, a query right after the host gets its slash, entities decoded
+    assert canonical("http:www.example.com?id=3") == "http://www.example.com/?id=3"
+    assert canonical("www.example.com") == "http://www.example.com"
+    assert canonical("ftp.example.com/f") == "ftp://ftp.example.com/f"
+    assert canonical("http://example.com/&#97;&#x62;") == "http://example.com/ab"
+    view = parse(b"Subject: s\nContent-Type: text/html\n\n"
+                 b'<a href="http://%64%38%31%31%30%33%39%2E%65%78%61%6D%70%6C%65%2E%63%6F%6D/">x</a>'
+                 b' <a href="http://plain.example/">y</a>\n')
+    uris = sa_evals.sa_uris(view)
+    assert "http://d811039.example.com/" in uris and uris.count("http://plain.example/") == 1
+    # URI_HEX from 20_uri_tests.cf fires on the decoded copy, as in spamd
+    uri_hex = ["uri", r"^https?://[^/?&\#]*\b(?![0-9a-f]{0,12}[a-f]{3})[0-9a-f]{6,}\b", "i"]
+    assert sa_evals.evaluate(view, {"URI_HEX": uri_hex}) == ["URI_HEX"]
+    plain = parse(b"Subject: s\nContent-Type: text/html\n\n<a href=\"http://plain.example/\">y</a>\n")
+    assert sa_evals.evaluate(plain, {"URI_HEX": uri_hex}) == []
