@@ -60,11 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_settings(args: argparse.Namespace):  # -> Settings; raises SystemExit(1) on error
     from filterd import config
+    from filterd.ruleset import configure_compile_cache
     try:
-        return config.load(args.config, state_dir=args.state_dir)
+        settings = config.load(args.config, state_dir=args.state_dir)
     except config.ConfigError as exc:
         print(f"filterd: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    configure_compile_cache(settings.compile_cache_dir)
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,21 @@ VALUE_TABLES = ("scores", "bayes_scores", "score_sets", "levels", "actions", "fo
 LAYER_RANK = {"shipped": 0, "local": 1, "override": 2}
 
 
+_compile_cache: Path | None = None
+
+
+def configure_compile_cache(directory: Path | str | None) -> None:
+    """Keep compiled pattern databases in `directory` (created 0700) across processes, so a
+    restart or `filterd scan` with unchanged rules compiles nothing; None: this process only.
+    The CLI sets it from rules.compile_cache for every command (filterd.cli.main)."""
+    global _compile_cache
+    _compile_cache = Path(directory) if directory else None
+
+
+def compile_cache_dir() -> Path | None:
+    return _compile_cache
+
+
 class RulesetError(Exception):
     def __init__(self, source: str, key: str, problem: str):
         self.source, self.key, self.problem = source, key, problem

@@ -28,9 +28,14 @@ m (^/$ at every line), x (verbose).
 from __future__ import annotations
 
 import email.utils
+import hashlib
+import logging
+import os
 import re
 import threading
 import time
+from collections import OrderedDict
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -51,6 +56,8 @@ try:
 except ImportError:  # pragma: no cover
     hyperscan = None
     HAVE_HYPERSCAN = False
+
+log = logging.getLogger("filterd.rules")
 
 KINDS = ("header", "mimeheader", "body", "rawbody", "full", "uri", "meta")
 PATTERN_KINDS = ("header", "mimeheader", "body", "rawbody", "full", "uri")
@@ -272,11 +279,80 @@ def _hs_flags(flags: str, *, multiline: bool = False, exact: bool = False,
     return value
 
 
+# Compiled databases, by a digest of what was compiled. Hyperscan's compiler is where loading a
+# rule set spends its time (seconds for the default set, a minute for imported SpamAssassin
+# rules), and the same expressions come back at every reload, restart and test: so each
+# database is kept in this process (`_DB_MEMO`, the most recent few) and, once
+# filterd.ruleset.configure_compile_cache named a directory, on disk in Hyperscan's own
+# serialised form.
+# A cache file that cannot be read or loaded is ignored and rewritten, never trusted.
+_DB_MEMO: "OrderedDict[str, Any]" = OrderedDict()
+_DB_MEMO_SIZE = 128
+_CACHE_FILES = 256       # on disk: a few rule-set versions' worth (two databases per target)
+_db_lock = threading.Lock()
+
+
+def _db_key(patterns: list[bytes], flags: list[int]) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"hyperscan {getattr(hyperscan, '__version__', '?')} block\0".encode())
+    for pattern, flag in zip(patterns, flags):
+        digest.update(len(pattern).to_bytes(4, "big") + pattern + flag.to_bytes(8, "big"))
+    return digest.hexdigest()
+
+
 def _hs_compile(patterns: list[bytes], flags: list[int]) -> Any:
-    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-    db.compile(expressions=patterns, ids=list(range(len(patterns))), elements=len(patterns),
-               flags=flags)
+    key = _db_key(patterns, flags)
+    with _db_lock:
+        db = _DB_MEMO.get(key)
+        if db is not None:
+            _DB_MEMO.move_to_end(key)
+            return db
+    db = _load_cached_db(key)
+    if db is None:
+        db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        db.compile(expressions=patterns, ids=list(range(len(patterns))),
+                   elements=len(patterns), flags=flags)
+        _store_cached_db(key, db)
+    with _db_lock:
+        _DB_MEMO[key] = db
+        while len(_DB_MEMO) > _DB_MEMO_SIZE:
+            _DB_MEMO.popitem(last=False)
     return db
+
+
+def _load_cached_db(key: str) -> Any:
+    from filterd.ruleset import compile_cache_dir
+    cache_dir = compile_cache_dir()
+    if cache_dir is None:
+        return None
+    try:
+        path = cache_dir / f"{key}.hsdb"
+        db = hyperscan.loadb(path.read_bytes(), mode=hyperscan.HS_MODE_BLOCK)
+        os.utime(path)   # in use: the pruning below keeps the recently used
+        return db
+    except FileNotFoundError:
+        return None
+    except Exception as exc:   # truncated, another Hyperscan or CPU: compile afresh
+        log.info("ignoring compiled rule cache %s: %s", key, exc)
+        return None
+
+
+def _store_cached_db(key: str, db: Any) -> None:
+    from filterd.ruleset import compile_cache_dir
+    cache_dir = compile_cache_dir()
+    if cache_dir is None:
+        return
+    try:
+        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = cache_dir / f"{key}.hsdb"
+        tmp = path.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(hyperscan.dumpb(db))
+        tmp.replace(path)
+        kept = sorted(cache_dir.glob("*.hsdb"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for stale in kept[_CACHE_FILES:]:   # databases of rule sets long replaced
+            stale.unlink(missing_ok=True)
+    except Exception as exc:   # a read-only state dir costs the next start a compile, no more
+        log.info("cannot keep compiled rules in %s: %s", cache_dir, exc)
 
 
 # One expression of a database: (pattern bytes, Hyperscan flags, exact).
