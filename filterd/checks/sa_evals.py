@@ -548,13 +548,37 @@ def sa_canonical_uri(uri: str) -> str:
     return re.sub(r"&#(?:x2e|12290|x3002|65294|xff0e|65377|xff61);", ".", canonical, flags=re.I)
 
 
+_DECLARATION = re.compile(r"<![^>]*>")
+
+
+def _declaration_only_urls(view: MessageView) -> set[str]:
+    """URLs of view.urls that appear only inside HTML declarations (`<!DOCTYPE ... "http://
+    www.w3.org/TR/...">`): SpamAssassin's HTML parser takes URIs from tag attributes and the
+    rendered text, neither of which holds a declaration's."""
+    declarations, rest = [], []
+    for part in view.text_parts:
+        if part.content_type == "text/html" and "<!" in part.text:
+            declarations.extend(_DECLARATION.findall(part.text))
+            rest.append(_DECLARATION.sub(" ", part.text))
+        else:
+            rest.append(part.text)
+    if not declarations:
+        return set()
+    declared_text, other_text = "\n".join(declarations), "\n".join(rest)
+    return {url for url in view.urls if url in declared_text and url not in other_text}
+
+
 def sa_uris(view: MessageView) -> list[str]:
-    """The URIs `uri` rules see: the message's URLs, each followed by SpamAssassin's canonical
-    copy when that differs (sa_canonical_uri: %-decoded hosts such as
-    `http://%64%38...` -> `http://d8...`), plus, as SpamAssassin's URI list has them, every
-    e-mail address of the text parts and every mailto: link as `mailto:ADDRESS`."""
+    """The URIs `uri` rules see: the message's URLs (but those only an HTML declaration holds),
+    each followed by SpamAssassin's canonical copy when that differs (sa_canonical_uri:
+    %-decoded hosts such as `http://%64%38...` -> `http://d8...`), plus, as SpamAssassin's URI
+    list has them, every e-mail address of the text parts and every mailto: link as
+    `mailto:ADDRESS`."""
     out: dict[str, None] = {}
+    declared = _declaration_only_urls(view)
     for url in view.urls:
+        if url in declared:
+            continue
         out.setdefault(url, None)
         if not url.lower().startswith("mailto:") and "@" not in url.split(":", 1)[0]:
             out.setdefault(sa_canonical_uri(url.strip()), None)

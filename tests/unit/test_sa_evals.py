@@ -298,3 +298,18 @@ def test_uri_list_adds_spamassassins_canonical_copy_of_each_url():
     assert sa_evals.evaluate(view, {"URI_HEX": uri_hex}) == ["URI_HEX"]
     plain = parse(b"Subject: s\nContent-Type: text/html\n\n<a href=\"http://plain.example/\">y</a>\n")
     assert sa_evals.evaluate(plain, {"URI_HEX": uri_hex}) == []
+
+
+def test_a_url_only_in_an_html_declaration_is_not_in_the_uri_list():
+    doctype = (b'<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN" '
+               b'"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">')
+    only_declared = parse(b"Subject: s\nContent-Type: text/html\n\n" + doctype
+                          + b"<html><body>no links</body></html>\n")
+    assert any("w3.org" in url for url in only_declared.urls)     # the message's URL list has it
+    assert sa_evals.sa_uris(only_declared) == []                   # SpamAssassin's has not
+    has_any_uri = {"__HAS_ANY_URI": ["uri", ".", ""]}
+    assert sa_evals.evaluate(only_declared, has_any_uri) == []
+    # the same URL also linked in the body stays
+    linked = parse(b"Subject: s\nContent-Type: text/html\n\n" + doctype
+                   + b'<a href="http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">dtd</a>\n')
+    assert sa_evals.sa_uris(linked) == ["http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd"]
