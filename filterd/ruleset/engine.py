@@ -217,6 +217,10 @@ def prefilter_pattern(pattern: str) -> str:
             posix = re.match(r"\[:\^?[a-z]+:\]", pattern[i:])
             if posix:                # [:punct:] inside a class: its ] does not close the class
                 out.append(posix.group(0))
+                if not negated:
+                    # Hyperscan's POSIX classes are ASCII, the regex module's Unicode (a
+                    # full-width "（" is [:punct:]): every non-ASCII character keeps it a superset
+                    out.append("\\x{80}-\\x{10ffff}")
                 i += posix.end()
                 continue
             if c == "]" and not (out and out[-1] in ("[", "[^")):

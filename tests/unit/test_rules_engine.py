@@ -584,3 +584,20 @@ def test_imported_spamassassin_rules_same_hits_on_every_corpus_message(corpora_d
         plain = engine.match(parse(raw), mode="re", rule_timeout=5.0)
         assert list(auto.hits) == list(plain.hits), path
         assert not auto.errors and not plain.errors, path
+
+
+@pytest.mark.parametrize("mode", ["auto", "prefilter", "re"])
+def test_posix_class_matches_unicode_punctuation_in_every_mode(tmp_path: Path, mode: str) -> None:
+    # the regex module's [:punct:] is Unicode (full-width parentheses), Hyperscan's ASCII: the
+    # prefilter must still let the candidate through (a SpamAssassin __FROM_FULL_NAME miss)
+    raw = ("From: =?utf-8?b?" + __import__("base64").b64encode("陈建国（经理）".encode()).decode()
+           + "?= <a@example.com>\nTo: b@example.org\nSubject: s\n\nbody\n").encode()
+    body = """\
+        [rule.NAME_PUNCT]
+        kind = "header"
+        header = "From:name"
+        pattern = '^[^a-z[:punct:][:cntrl:]\\d\\s][^[:punct:][:cntrl:]\\d\\s]*[[:punct:]\\s]+[^a-z[:punct:][:cntrl:]\\d\\s]'
+        description = "full name then punctuation"
+        """
+    (tmp_path / "m").mkdir()
+    assert "NAME_PUNCT" in fired(tmp_path / "m", body, raw, **{"rules.engine": mode})
