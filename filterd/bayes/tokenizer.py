@@ -42,6 +42,7 @@ from itertools import islice
 from typing import Iterable
 
 from filterd.message import MessageView
+from filterd.stores import encodable
 
 __all__ = ["tokenize", "DEFAULT_MAX_TOKENS", "ARTIFACT_FRAGMENTS"]
 
@@ -470,14 +471,6 @@ def _osb(words: list[str]) -> Iterable[str]:
             yield f"B:{words[i]} ? {words[i + 2]}"
 
 
-def _encodable(token: str) -> bool:
-    try:
-        token.encode()
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 def tokenize(view: MessageView, *, max_tokens: int = DEFAULT_MAX_TOKENS,
              bigrams: bool = False) -> tuple[str, ...]:
     """The message's tokens: de-duplicated, first-seen order, at most max_tokens."""
@@ -509,5 +502,5 @@ def tokenize(view: MessageView, *, max_tokens: int = DEFAULT_MAX_TOKENS,
         try:
             joined.encode()
         except UnicodeEncodeError:
-            tokens = [t for t in tokens if t.isascii() or _encodable(t)]
+            tokens = [t for t in tokens if t.isascii() or encodable(t)]
     return tuple(tokens[:max_tokens])

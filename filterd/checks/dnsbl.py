@@ -33,7 +33,8 @@ import re
 from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
-from filterd.dns import OK, note_blocked_resolver, registered_domain, report_problems, reverse_ip
+from filterd.dns import (OK, in_networks, note_blocked_resolver, registered_domain,
+                         report_problems, reverse_ip)
 from filterd.message import MessageView
 from filterd.pipeline import Phase, ScanContext, check
 from filterd.policy import Symbol
@@ -63,13 +64,7 @@ _NEVER_LISTED = tuple(ipaddress.ip_network(n) for n in (
 
 
 def _public(ip: str) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return not any(addr in net for net in _NEVER_LISTED if net.version == addr.version)
+    return in_networks(ip, _NEVER_LISTED) is False
 
 
 def interpret(answers: Sequence[str], *, zone: str, queried: str, codes: Mapping[str, str],

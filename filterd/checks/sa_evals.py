@@ -61,7 +61,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from filterd.dns import registered_domain
+from filterd.dns import in_networks, registered_domain
 from filterd.message import MessageView
 from filterd.pipeline import Phase, ScanContext, check
 from filterd.policy import Symbol
@@ -128,13 +128,7 @@ _PRIVATE = tuple(ipaddress.ip_network(n) for n in (
 
 
 def _private(ip: str) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr.version == n.version and addr in n for n in _PRIVATE)
+    return bool(in_networks(ip, _PRIVATE))
 
 
 def _parse_received(raw: str) -> tuple[str, str, str] | None:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import dns.asyncresolver
 import dns.exception
@@ -325,14 +325,31 @@ def report_problems(ctx: Any, check: str) -> list[Any]:
 
 # ---- names ---------------------------------------------------------------------------------
 
-def reverse_ip(ip: str) -> str | None:
-    """The DNSBL label form of an address: 4.3.2.1 for IPv4, 32 nibbles for IPv6."""
+def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `text` spells (an IPv4-mapped IPv6 address as its IPv4 form), else None."""
     try:
-        addr = ipaddress.ip_address(ip)
+        addr = ipaddress.ip_address(text)
     except ValueError:
         return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+        return addr.ipv4_mapped
+    return addr
+
+
+def in_networks(ip: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                ) -> bool | None:
+    """Whether `ip` lies in one of `networks`; None when `ip` is no address."""
+    addr = ip_address(ip)
+    if addr is None:
+        return None
+    return any(addr in net for net in networks if net.version == addr.version)
+
+
+def reverse_ip(ip: str) -> str | None:
+    """The DNSBL label form of an address: 4.3.2.1 for IPv4, 32 nibbles for IPv6."""
+    addr = ip_address(ip)
+    if addr is None:
+        return None
     if addr.version == 4:
         return ".".join(reversed(str(addr).split(".")))
     return ".".join(reversed(addr.exploded.replace(":", "")))

@@ -121,6 +121,16 @@ def sqlite_path(settings: Any) -> Path:
     return Path(settings.bayes.path) if settings.bayes.path else settings.state_dir / "bayes.sqlite"
 
 
+def encodable(token: str) -> bool:
+    """Whether a token can be stored: valid UTF-8 (a lone surrogate escape, left by an
+    undecodable 8-bit header byte, is not)."""
+    try:
+        token.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def open_token_store(settings: Any, *, create: bool = True) -> TokenStore:
     """Open the configured Bayes store; raises StoreError when it cannot be reached."""
     backend = settings.bayes.backend

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from filterd.stores import (HAM, SPAM, ExpiryResult, LearnItem, LearnResult, StoreError,
-                            StoreStats)
+                            StoreStats, encodable)
 
 SCHEMA_VERSION = "1"
 _T = TypeVar("_T")
@@ -79,14 +79,6 @@ def _has_json(conn: sqlite3.Connection) -> bool:
         conn.execute("SELECT count(*) FROM json_each('[]')").fetchone()
         return True
     except sqlite3.Error:
-        return False
-
-
-def _encodable(token: str) -> bool:
-    try:
-        token.encode()
-        return True
-    except UnicodeEncodeError:
         return False
 
 
@@ -188,7 +180,7 @@ class SqliteTokenStore:
                 return {tok: (spam, ham) for tok, spam, ham in rows}
             except UnicodeEncodeError:
                 # a token that is no valid UTF-8 (a lone surrogate) cannot be known
-                tokens = [t for t in tokens if _encodable(t)]
+                tokens = [t for t in tokens if encodable(t)]
         return _token_counts_in(conn, tokens)
 
     def learned_label(self, digest: str) -> str | None:
