@@ -10,30 +10,13 @@ from filterd import config
 from filterd.frontends import milter as milter_frontend
 from filterd.pipeline import Phase, check
 from filterd.service import Scanner
+from harness.loopback import RecordingMTA
 
 import Milter
 
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 
-class FakeMTA:
-    """Records what the milter asks of the MTA (libmilter's smfi_* calls)."""
-
-    def __init__(self, macros=None):
-        self.calls: list[tuple] = []
-        self.macros = macros or {"i": "QID1"}
-
-    def getsymval(self, name):
-        return self.macros.get(name)
-
-    def setreply(self, *args):
-        self.calls.append(("setreply", *args))
-
-    def addheader(self, name, value, idx):
-        self.calls.append(("addheader", name, value))
-
-    def chgheader(self, name, idx, value):
-        self.calls.append(("chgheader", name, idx, value))
 
 
 @check("test.milter_slow", phase=Phase.MAIN)
@@ -63,7 +46,7 @@ def deliver(loop, scanner, body: bytes, headers=((b"Subject", b"hi"), (b"X-Spam-
                                                  (b"From", b"a@example.org")), macros=None):
     milter_frontend._scanner, milter_frontend._loop = scanner, loop
     m = milter_frontend.FilterMilter()
-    m._ctx = FakeMTA(macros)
+    m._ctx = RecordingMTA(macros)
     m._actions = milter_frontend.FLAGS
     m._protocol = 0
     m.connect("client.example", 4, ("192.0.2.9", 1234))
@@ -155,7 +138,7 @@ POSTFIX_OFFERS = 0x1FFFFF
 
 def test_negotiation_skips_unused_steps_and_replies():
     m = milter_frontend.FilterMilter()
-    m._ctx = FakeMTA()
+    m._ctx = RecordingMTA()
     opts = [milter_frontend.FLAGS, POSTFIX_OFFERS, 0, 0]
     assert m.negotiate(opts) == Milter.CONTINUE
     asked = opts[1]
@@ -177,7 +160,7 @@ def test_negotiation_skips_unused_steps_and_replies():
 
 def test_callbacks_answer_noreply_once_negotiated():
     m = milter_frontend.FilterMilter()
-    m._ctx = FakeMTA()
+    m._ctx = RecordingMTA()
     opts = [milter_frontend.FLAGS, POSTFIX_OFFERS, 0, 0]
     m.negotiate(opts)
     assert m.connect("c.example", 4, ("192.0.2.9", 1)) == Milter.NOREPLY
@@ -189,7 +172,7 @@ def test_callbacks_answer_noreply_once_negotiated():
 
 
 def test_envelope_macros_are_read_once_each(tmp_path):
-    class CountingMTA(FakeMTA):
+    class CountingMTA(RecordingMTA):
         def __init__(self):
             super().__init__({"i": "QID9", "{daemon_port}": "10026", "j": "mx.test"})
             self.asked: list[str] = []
@@ -246,7 +229,7 @@ def test_message_is_assembled_once_exactly_as_sent(tmp_path, core_rules, loop_th
     scanner = make_scanner(tmp_path, core_rules, **{"rules.site_dir": str(site.parent)})
     milter_frontend._scanner, milter_frontend._loop = scanner, loop_thread
     m = milter_frontend.FilterMilter()
-    m._ctx = FakeMTA()
+    m._ctx = RecordingMTA()
     m._actions, m._protocol = milter_frontend.FLAGS, 0
     m.connect("client.example", 4, ("192.0.2.9", 1234))
     m.envfrom("<a@example.org>")

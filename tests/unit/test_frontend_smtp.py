@@ -3,13 +3,11 @@
 import asyncio
 import json
 import smtplib
-import threading
 
 import pytest
 
 from filterd import config
-from harness.loopback import CLEAN, GTUBE, Sink, SinkController, free_port
-from filterd.frontends import smtp as smtp_frontend
+from harness.loopback import CLEAN, GTUBE, FrontendRig
 from filterd.pipeline import Phase, check
 from filterd.service import Scanner
 
@@ -21,54 +19,11 @@ async def _slow(msg, ctx):
     return []
 
 
-class Rig:
-    def __init__(self, tmp_path, core_rules, **overrides):
-        self.sink = Sink()
-        self.sink_port = free_port()
-        self.controller = SinkController(self.sink, hostname="127.0.0.1", port=self.sink_port)
-        self.controller.start()
-        self.port = free_port()
-        values = {"daemon.state_dir": str(tmp_path / "state"), "daemon.hostname": "mx.test",
-                  "smtp.listen": f"127.0.0.1:{self.port}",
-                  "smtp.reinject": f"127.0.0.1:{self.sink_port}", "smtp.reinject_timeout": 5,
-                  "scan.mynetworks": [], "rules.dir": str(core_rules)}
-        values.update(overrides)
-        self.settings = config.defaults().with_overrides(values)
-        self.scanner = Scanner(self.settings)
-        self.loop = asyncio.new_event_loop()
-        started = threading.Event()
-
-        def run():
-            asyncio.set_event_loop(self.loop)
-            self.server = self.loop.run_until_complete(smtp_frontend.start_server(self.scanner))
-            started.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert started.wait(10)
-
-    def send(self, data: bytes, xforward: str | None = None, rcpts=("b@example.net",)):
-        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
-            client.ehlo("postfix.test")
-            if xforward:
-                code, text = client.docmd("XFORWARD", xforward)
-                if code != 250:
-                    return code, text.decode()
-            try:
-                client.sendmail("a@example.org", list(rcpts), data)
-            except smtplib.SMTPDataError as exc:
-                return exc.smtp_code, exc.smtp_error.decode()
-            return 250, ""
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        try:
-            self.controller.stop()
-        except AssertionError:  # already stopped by the test
-            pass
+def Rig(tmp_path, core_rules, **overrides) -> FrontendRig:  # noqa: N802 (reads as a class)
+    values = {"daemon.state_dir": str(tmp_path / "state"), "daemon.hostname": "mx.test",
+              "scan.mynetworks": [], "rules.dir": str(core_rules)}
+    values.update(overrides)
+    return FrontendRig(values)
 
 
 @pytest.fixture

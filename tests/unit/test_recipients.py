@@ -12,10 +12,8 @@ import threading
 import Milter
 import pytest
 
-from aiosmtpd.controller import Controller
-
 from filterd import config
-from harness.loopback import GTUBE, Sink, free_port
+from harness.loopback import GTUBE, FrontendRig, RecordingMTA, free_port
 
 from filterd.frontends import milter as milter_frontend
 from filterd.frontends import smtp as smtp_frontend
@@ -29,70 +27,6 @@ from filterd.service import Scanner
 
 CLEAN = (b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n"
          b"Date: Sun, 22 Nov 2026 05:00:00 +0000\r\nMessage-ID: <1@example.org>\r\n\r\nhello\r\n")
-
-
-class Rig:
-    """filterd's SMTP front end on loopback in a thread, reinjecting into a Sink."""
-
-    def __init__(self, values):
-        self.sink = Sink()
-        self.controller = Controller(self.sink, hostname="127.0.0.1", port=free_port())
-        self.controller.start()
-        self.port = free_port()
-        values = {**values, "smtp.listen": f"127.0.0.1:{self.port}",
-                  "smtp.reinject": f"127.0.0.1:{self.controller.port}",
-                  "smtp.reinject_timeout": 5}
-        self.settings = config.defaults().with_overrides(values)
-        self.scanner = Scanner(self.settings)
-        self.loop = asyncio.new_event_loop()
-        started = threading.Event()
-
-        def run():
-            asyncio.set_event_loop(self.loop)
-            self.server = self.loop.run_until_complete(smtp_frontend.start_server(self.scanner))
-            started.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert started.wait(10)
-
-    def send(self, data: bytes, rcpts=("b@example.net",)):
-        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
-            client.ehlo("postfix.test")
-            try:
-                client.sendmail("a@example.org", list(rcpts), data)
-            except smtplib.SMTPDataError as exc:
-                return exc.smtp_code, exc.smtp_error.decode()
-            return 250, ""
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.controller.stop()
-
-
-class RcptMTA:
-    """libmilter's side as the milter sees it (smfi_* calls recorded)."""
-
-    def __init__(self):
-        self.calls: list[tuple] = []
-
-    def getsymval(self, name):
-        return {"i": "QR1"}.get(name)
-
-    def setreply(self, *args):
-        self.calls.append(("setreply", *args))
-
-    def addheader(self, name, value, idx):
-        self.calls.append(("addheader", name, value))
-
-    def chgheader(self, name, idx, value):
-        self.calls.append(("chgheader", name, idx, value))
-
-    def delrcpt(self, rcpt):
-        self.calls.append(("delrcpt", rcpt))
 
 
 @pytest.fixture
@@ -286,7 +220,7 @@ def test_tempfail_of_one_recipient_tempfails_all_before_storing(tmp_path, core_r
 def milter_deliver(loop, scanner, body, rcpts):
     milter_frontend._scanner, milter_frontend._loop = scanner, loop
     m = milter_frontend.FilterMilter()
-    m._ctx = RcptMTA()
+    m._ctx = RecordingMTA({"i": "QR1"})
     m._actions = milter_frontend.FLAGS
     m._protocol = 0
     m.connect("client.example", 4, ("192.0.2.9", 1234))
@@ -326,7 +260,7 @@ def aq(tmp_path, core_rules):
     rigs = []
 
     def make(**extra):
-        r = Rig(settings_for(tmp_path, core_rules, **extra))
+        r = FrontendRig(settings_for(tmp_path, core_rules, **extra))
         rigs.append(r)
         return r
 
