@@ -28,3 +28,15 @@ def core_rules(tmp_path) -> Path:
     for name in CORE_RULE_FILES:
         shutil.copy(PROJECT_RULES / name, d / name)
     return d
+
+
+@pytest.fixture
+def base_rules(core_rules: Path) -> Path:
+    """The core rule files plus the rules engine bindings, auth.toml and dnsbl.toml (the symbols
+    imported SpamAssassin rules refer to): loading the whole shipped set would compile every
+    family's patterns for each test."""
+    import shutil
+    from filterd.config import PROJECT_RULES
+    for name in ("auth.toml", "dnsbl.toml", "rules-engine.toml"):
+        shutil.copy(PROJECT_RULES / name, core_rules / name)
+    return core_rules

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from filterd.checks import sa_evals
-from filterd.config import PROJECT_RULES
 from filterd.message import parse
 from filterd.ruleset import load
 from filterd.ruleset import sa_import
 from filterd.ruleset.engine import pseudo_header, relays
-
-@pytest.fixture
-def base_rules(core_rules: Path) -> Path:
-    """The core rule files plus the rules engine bindings, auth.toml and dnsbl.toml (the symbols
-    imported rules refer to): loading the whole shipped set would compile every family's
-    patterns for each test."""
-    for name in ("auth.toml", "dnsbl.toml", "rules-engine.toml"):
-        shutil.copy(PROJECT_RULES / name, core_rules / name)
-    return core_rules
-
 
 CF = textwrap.dedent(r"""
     header   LOC_SUBJ_FREE   Subject =~ /\bfree\b/i

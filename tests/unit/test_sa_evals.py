@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import textwrap
 from pathlib import Path
 
@@ -14,16 +13,6 @@ from filterd.config import PROJECT_RULES
 from filterd.message import parse
 from filterd.pipeline import ScanContext, scan, validate_bindings
 from filterd.ruleset import fit, load, sa_import
-
-
-@pytest.fixture
-def base_rules(core_rules: Path) -> Path:
-    """The core rule files plus the rules engine bindings, auth.toml and dnsbl.toml (the symbols
-    imported rules refer to): loading the whole shipped set would compile every family's
-    patterns for each test."""
-    for name in ("auth.toml", "dnsbl.toml", "rules-engine.toml"):
-        shutil.copy(PROJECT_RULES / name, core_rules / name)
-    return core_rules
 
 
 RELAYED = (b"Received: from mx.example.net (mx.example.net [10.0.0.5]) by inbox.example.net"
