@@ -129,57 +129,65 @@ def bayes_bands(train: Sequence[Sample], test: Sequence[Sample], root: Path, set
     learned) gets BAYES_UNTRAINED, as in the daemon.
     """
     import tempfile
-    from filterd.bayes import HAM, SPAM, Bayes, Learner
+    from filterd.bayes import HAM, SPAM, Bayes, message_digest, today
     from filterd.bayes.classifier import band
     from filterd.message import parse
-    from filterd.stores import open_token_store
+    from filterd.stores import LearnItem, open_token_store
 
-    def view_of(sample: Sample) -> tuple[bytes, Any]:
+    def open_bayes(path: Path) -> Bayes:
+        local = settings.with_overrides({"bayes.backend": "sqlite", "bayes.path": str(path)},
+                                        source="rules fit --with-bayes")
+        return Bayes.from_settings(local, open_token_store(local))
+
+    def learned_and_classified(bayes: Bayes, learn_on: Sequence[int],
+                               classify: Sequence[tuple[str, ...]]) -> list[str]:
+        try:
+            for start in range(0, len(learn_on), 500):
+                bayes.store.learn_batch([LearnItem(digests[i], SPAM if train[i].label else HAM,
+                                                   train_tokens[i])
+                                         for i in learn_on[start:start + 500]], today())
+            ready, nspam, nham = bayes.trained()
+            if not ready:
+                return ["BAYES_UNTRAINED"] * len(classify)
+            return [band(bayes.classify_tokens(tokens, counts=(nspam, nham)).probability)
+                    for tokens in classify]
+        finally:
+            bayes.store.close()
+
+    def parsed(sample: Sample) -> tuple[bytes, Any]:
         raw = (root / sample.path).read_bytes()
         return raw, parse(raw, content_limit=settings.scan.content_size_limit,
                           trusted_networks=settings.scan.trusted_networks)
-
-    def learned_and_classified(learn_on: Sequence[Sample], classify: Sequence[Sample],
-                               tmp: Path, name: str) -> list[str]:
-        local = settings.with_overrides({"bayes.backend": "sqlite",
-                                         "bayes.path": str(tmp / f"{name}.sqlite")},
-                                        source="rules fit --with-bayes")
-        store = open_token_store(local)
-        try:
-            bayes = Bayes.from_settings(local, store)
-            learner = Learner(bayes, batch_size=500)
-            for sample in learn_on:
-                raw, view = view_of(sample)
-                learner.add(sample.path, raw, SPAM if sample.label else HAM, view)
-            learner.flush()
-            ready, nspam, nham = bayes.trained()
-            out = []
-            for sample in classify:
-                if not ready:
-                    out.append("BAYES_UNTRAINED")
-                    continue
-                _raw, view = view_of(sample)
-                result = bayes.classify_tokens(bayes.tokens(view), counts=(nspam, nham))
-                out.append(band(result.probability))
-            return out
-        finally:
-            store.close()
 
     started = time.time()
     train_bands: list[str] = [""] * len(train)
     with tempfile.TemporaryDirectory(prefix="filterd-fit-bayes-") as tmpdir:
         tmp = Path(tmpdir)
+        whole = open_bayes(tmp / "all.sqlite")
+        # each message is parsed and tokenised once; every fold's learner reuses its tokens
+        digests: list[str] = []
+        train_tokens: list[tuple[str, ...]] = []
+        for sample in train:
+            raw, view = parsed(sample)
+            digests.append(message_digest(raw))
+            train_tokens.append(whole.tokens(view))
+        test_tokens = [whole.tokens(parsed(sample)[1]) for sample in test]
         keys = [fold_of(s.path, folds) for s in train]
         for fold in range(folds):
             held = [i for i, k in enumerate(keys) if k == fold]
-            bands = learned_and_classified([s for s, k in zip(train, keys) if k != fold],
-                                           [train[i] for i in held], tmp, f"fold{fold}")
+            bands = learned_and_classified(open_bayes(tmp / f"fold{fold}.sqlite"),
+                                           [i for i, k in enumerate(keys) if k != fold],
+                                           [train_tokens[i] for i in held])
             for i, name in zip(held, bands):
                 train_bands[i] = name
             if progress:
                 print(f"  bayes fold {fold + 1}/{folds}: {len(held)} messages classified, "
                       f"{time.time() - started:.0f}s", flush=True)
-        test_bands = learned_and_classified(train, test, tmp, "all") if test else []
+        if test:
+            test_bands = learned_and_classified(whole, range(len(train)), test_tokens)
+        else:
+            whole.store.close()
+            test_bands = []
     return train_bands, test_bands
 
 
