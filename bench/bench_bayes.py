@@ -36,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from spamc import spam_score, spamd_symbols  # noqa: E402 (bench/spamc.py, beside this script)
 
 from filterd.bayes import Bayes, Learner, message_digest  # noqa: E402
 from filterd.bayes.classifier import DEFAULT_CALIBRATION, ClassifierParams  # noqa: E402
@@ -217,15 +218,9 @@ def _free_port() -> int:
 
 
 def _spamd_symbols(port: int, raw: bytes) -> tuple[float, list[str]]:
-    with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
-        s.sendall(b"SYMBOLS SPAMC/1.5\r\nContent-length: %d\r\nUser: bench\r\n\r\n" % len(raw) + raw)
-        s.shutdown(socket.SHUT_WR)
-        buf = b""
-        while chunk := s.recv(65536):
-            buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    m = re.search(rb"Spam: \w+ ; (-?[\d.]+) /", head)
-    return (float(m.group(1)) if m else float("nan")), body.decode().strip().split(",")
+    head, symbols = spamd_symbols(port, raw, user="bench", timeout=120)
+    verdict = spam_score(head)
+    return (verdict[1] if verdict else float("nan")), symbols
 
 
 def run_spamassassin(train: list, test: list, workdir: Path, limit: int) -> dict | None:

@@ -38,7 +38,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -50,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
+from spamc import spam_score, spamd_symbols  # noqa: E402 (bench/spamc.py, beside this script)
 CORPORA = Path(os.environ.get("FILTERD_CORPORA", ROOT.parent / "shared" / "corpora"))
 OUT = HERE / "out"
 PEERS = Path(os.environ.get("PEERS_ROOT", "/tmp/peers"))
@@ -198,23 +198,11 @@ def drive(run: Run, samples: Sequence[Sample], data: dict[str, bytes],
 
 def spamc_symbols(raw: bytes) -> dict[str, Any]:
     """One SPAMC/1.5 SYMBOLS request on its own connection, as spamc sends it."""
-    with socket.create_connection(("127.0.0.1", SPAMD_PORT), timeout=300) as sock:
-        sock.sendall(b"SYMBOLS SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % len(raw) + raw)
-        sock.shutdown(socket.SHUT_WR)
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    if not lines[0].startswith("SPAMD/") or " 0 " not in lines[0] + " ":
-        raise RuntimeError(f"spamd said {lines[0]!r}")
-    for line in lines[1:]:
-        if line.lower().startswith("spam:"):
-            verdict, _, scores = line[5:].partition(";")
-            score = float(scores.split("/")[0])
-            return {"spam": verdict.strip().lower() == "true", "score": score,
-                    "symbols": body.decode("latin-1").strip().split(",")}
-    raise RuntimeError("no Spam: header in spamd's reply")
+    head, symbols = spamd_symbols(SPAMD_PORT, raw)
+    verdict = spam_score(head)
+    if verdict is None:
+        raise RuntimeError("no Spam: header in spamd's reply")
+    return {"spam": verdict[0], "score": verdict[1], "symbols": symbols}
 
 
 def spamd_pid() -> int | None:

@@ -24,7 +24,6 @@ import collections
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from spamc import spamd_symbols  # noqa: E402 (bench/spamc.py, beside this script)
 
 from filterd.checks import sa_evals  # noqa: E402
 from filterd.config import PROJECT_RULES  # noqa: E402
@@ -56,20 +56,6 @@ ifplugin Mail::SpamAssassin::Plugin::DCC
 use_dcc 0
 endif
 """
-
-
-def spamd_symbols(port: int, raw: bytes) -> list[str]:
-    with socket.create_connection(("127.0.0.1", port), timeout=300) as sock:
-        sock.sendall(b"SYMBOLS SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % len(raw) + raw)
-        sock.shutdown(socket.SHUT_WR)
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
-    status = head.decode("latin-1").split("\r\n")[0]
-    if not status.startswith("SPAMD/") or " 0 " not in status + " ":
-        raise RuntimeError(f"spamd said {status!r}")
-    return [s for s in body.decode("latin-1").strip().split(",") if s]
 
 
 def start_spamd(port: int, workdir: Path) -> subprocess.Popen[bytes]:
@@ -162,7 +148,7 @@ def main() -> int:
         t0 = time.time()
         for i, sample in enumerate(samples):
             raw = (CORPORA / sample.path).read_bytes()
-            theirs = set(spamd_symbols(args.spamd_port, raw)) & compared
+            theirs = set(spamd_symbols(args.spamd_port, raw)[1]) & compared
             view = parse(raw, content_limit=settings.scan.content_size_limit,
                          trusted_networks=settings.scan.trusted_networks)
             match = engine.match(view)
