@@ -31,9 +31,14 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     # Package scripts must not start daemons (Postfix on :25, freshclam reaching the network,
-    # unbound fetching trust anchors): policy-rc.d refuses every start.
-    if [ ! -x /usr/sbin/policy-rc.d ]; then
-      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+    # unbound fetching trust anchors): policy-rc.d refuses every start, but only while this
+    # install runs. Left in place it would stop every later apt-get on the host from restarting
+    # its daemons (Postfix included), so ours is removed on exit; a host's own one is kept.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\n# temporary: written by filterd scripts/bootstrap.sh, removed when it ends\nexit 101\n' \
+        > /usr/sbin/policy-rc.d
+      chmod +x /usr/sbin/policy-rc.d
+      trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     debconf-set-selections <<'DEB'
 postfix postfix/main_mailer_type select No configuration
