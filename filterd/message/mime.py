@@ -1,0 +1,403 @@
+"""Ambiguous MIME: what makes a message readable in more than one way, and every such reading.
+
+A message with two Content-Type headers, or two boundary parameters in one, is read one way by
+the stdlib parser (the first header, the first parameter) and another way by a mail client that
+takes the last one: an attachment may exist in only one of the readings (CVE-2024-28054, which
+amavisd-new fixed by classing such mail as unchecked). This module walks the raw bytes itself,
+with byte offsets, so that it can split one entity under each boundary a reader might use, at
+any depth, and hands back:
+  - findings: one per kind of ambiguity or structural problem, with where it is;
+  - leaves:   the leaf entities of every reading (each with the Content-Type and
+              Content-Transfer-Encoding chosen), which `alternative_parts` turns into Parts that
+              the attachment checks (banned names and types, archives, antivirus) examine on top
+              of the parser's own reading, deduplicated.
+
+Trusts: nothing in the message. The walk is bounded: it never descends past `max_depth`
+(scan.max_mime_depth) and examines at most MAX_ENTITIES entity readings per message (a message
+that nests ambiguity to multiply its readings stops there with MIME_READINGS_LIMIT).
+It works on the whole raw message, not the scan.content_size_limit prefix: a boundary that
+appears only after the prefix is not "missing", and a part past the prefix is still a part.
+
+Finding kinds are the symbol names the sanity check emits (descriptions and scores in rules/):
+  MIME_DUPLICATE_CONTENT_TYPE       an entity has more than one Content-Type header
+  MIME_DUPLICATE_TRANSFER_ENCODING  an entity has more than one Content-Transfer-Encoding header
+  MIME_DUPLICATE_BOUNDARY           one Content-Type header carries more than one boundary
+  MIME_BOUNDARY_NOT_FOUND           a multipart boundary (of any reading) never appears as a
+                                    delimiter line in its body
+  MIME_NESTING_TOO_DEEP             entities nest deeper than max_depth
+  MIME_READINGS_LIMIT               more entity readings than MAX_ENTITIES: the rest unexamined
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from filterd.message import Part
+
+__all__ = ["Finding", "Leaf", "Structure", "analyse", "alternative_parts", "every_reading",
+           "cut_base64_defects", "configured_depth", "FINDING_SYMBOLS", "BASE64_DEFECTS", "MAX_ENTITIES",
+           "DEFAULT_MAX_DEPTH"]
+
+FINDING_SYMBOLS = ("MIME_DUPLICATE_CONTENT_TYPE", "MIME_DUPLICATE_TRANSFER_ENCODING",
+                   "MIME_DUPLICATE_BOUNDARY", "MIME_BOUNDARY_NOT_FOUND", "MIME_NESTING_TOO_DEEP",
+                   "MIME_READINGS_LIMIT")
+DEFAULT_MAX_DEPTH = 20
+# Entity readings examined per message. Ordinary mail has a handful of entities and one
+# reading each; only nested ambiguity multiplies readings, and that is worth no more effort.
+MAX_ENTITIES = 2000
+# Content-Type values longer than this are not parsed for parameters (the stdlib's parameter
+# parser is quadratic on some inputs); the media type is still read.
+_MAX_PARAM_CHARS = 8192
+
+
+def configured_depth(ctx: object) -> int:
+    """scan.max_mime_depth of a check's context (DEFAULT_MAX_DEPTH without one)."""
+    settings = getattr(ctx, "settings", None)
+    return int(settings.scan.max_mime_depth) if settings is not None else DEFAULT_MAX_DEPTH
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    symbol: str
+    where: str          # "message", "part 2", "part 2.1"; with the boundary for boundary ones
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """A leaf entity of one reading: raw[start:end] is the entity (headers and body)."""
+
+    start: int
+    body_start: int
+    end: int
+    headers: tuple[tuple[str, str], ...]
+    content_type: str | None       # the Content-Type value this reading uses (None: default)
+    transfer_encoding: str | None  # the Content-Transfer-Encoding value this reading uses
+    default_type: str              # text/plain, or message/rfc822 inside multipart/digest
+    where: str
+
+
+@dataclass(slots=True)
+class Structure:
+    findings: list[Finding] = field(default_factory=list)
+    leaves: list[Leaf] = field(default_factory=list)
+    ambiguous: bool = False        # some entity has more than one reading
+    depth: int = 0                 # deepest nesting seen (a top-level leaf message is 0)
+    complete: bool = True          # False when MAX_ENTITIES stopped the walk
+
+    def symbols(self) -> dict[str, list[str]]:
+        """Finding symbol -> the places it was found, in order, each once."""
+        out: dict[str, list[str]] = {}
+        for f in self.findings:
+            places = out.setdefault(f.symbol, [])
+            if f.where not in places:
+                places.append(f.where)
+        return out
+
+
+def _split_head(raw: bytes, start: int, end: int) -> tuple[list[tuple[str, str]], int]:
+    """The header fields of the entity at raw[start:end] and where its body starts.
+
+    As the stdlib feed parser does: the block ends at an empty line, or at the first line that
+    is neither a header field nor a continuation (that line is then the body's first).
+    """
+    headers: list[tuple[str, str]] = []
+    pos = start
+    while pos < end:
+        nl = raw.find(b"\n", pos, end)
+        line_end = end if nl == -1 else nl + 1
+        line = raw[pos:line_end].rstrip(b"\r\n")
+        if not line:
+            return headers, line_end
+        if line[:1] in (b" ", b"\t"):
+            if headers:
+                name, value = headers[-1]
+                headers[-1] = (name, value + " " + line.strip().decode("ascii", "surrogateescape"))
+                pos = line_end
+                continue
+            return headers, pos
+        colon = line.find(b":")
+        name = line[:colon].rstrip(b" \t") if colon > 0 else b""
+        if not name or any(c <= 32 or c > 126 for c in name):
+            return headers, pos
+        headers.append((name.decode("ascii"),
+                        line[colon + 1:].strip().decode("ascii", "surrogateescape")))
+        pos = line_end
+    return headers, end
+
+
+def _media_type(value: str | None, default: str) -> str:
+    if value is None:
+        return default
+    ctype = value.split(";", 1)[0].strip().lower()
+    # the stdlib reads a value without a type/subtype as text/plain
+    return ctype if ctype.count("/") == 1 else "text/plain"
+
+
+def _boundaries(value: str) -> list[str]:
+    """Every boundary parameter of one Content-Type value, as the stdlib would read each."""
+    if "boundary" not in value.lower():
+        return []
+    if len(value) > _MAX_PARAM_CHARS:
+        value = value[:_MAX_PARAM_CHARS]
+    import email.utils
+    stand_in = Message()
+    stand_in["Content-Type"] = value
+    try:
+        params = stand_in.get_params() or []
+    except Exception:
+        return []
+    out = []
+    for name, param in params:
+        if name.strip().lower() != "boundary":
+            continue
+        try:
+            text = email.utils.collapse_rfc2231_value(param).rstrip()
+        except Exception:
+            continue
+        if text:
+            out.append(text)
+    return out
+
+
+def _delimiters(raw: bytes, boundary: bytes, start: int, end: int) -> list[tuple[int, int, bool]]:
+    """(line start, line end, is close) of each delimiter line of `boundary` in raw[start:end].
+
+    A delimiter line is "--" boundary, optionally "--", optional blanks, then the line end
+    (RFC 2046 5.1.1, as the stdlib parser matches it). Stops after the close delimiter.
+    """
+    out: list[tuple[int, int, bool]] = []
+    delim = b"--" + boundary
+    pos = start
+    while True:
+        i = raw.find(delim, pos, end)
+        if i == -1:
+            return out
+        pos = i + 1
+        if i != start and raw[i - 1:i] != b"\n":
+            continue
+        j = i + len(delim)
+        close = raw[j:j + 2] == b"--"
+        k = j + 2 if close else j
+        while k < end and raw[k:k + 1] in (b" ", b"\t"):
+            k += 1
+        if k < end and raw[k:k + 1] not in (b"\r", b"\n"):
+            continue
+        if raw[k:k + 2] == b"\r\n":
+            k += 2
+        elif k < end:
+            k += 1
+        out.append((i, min(k, end), close))
+        if close:
+            return out
+        pos = k
+
+
+def _body_end(raw: bytes, line_start: int, floor: int) -> int:
+    """Where a part ends before the delimiter line at line_start: the line break before a
+    delimiter belongs to the delimiter (RFC 2046)."""
+    end = line_start
+    if end > floor and raw[end - 1:end] == b"\n":
+        end -= 1
+        if end > floor and raw[end - 1:end] == b"\r":
+            end -= 1
+    return end
+
+
+class _Walk:
+    def __init__(self, raw: bytes, max_depth: int):
+        self.raw = raw
+        self.max_depth = max_depth
+        self.out = Structure()
+        self.visits = 0
+        self._seen_leaves: set[tuple[int, int, str | None, str | None]] = set()
+        self._seen_entities: set[tuple[int, int, bytes]] = set()
+
+    def add(self, symbol: str, where: str) -> None:
+        finding = Finding(symbol, where)
+        if finding not in self.out.findings:
+            self.out.findings.append(finding)
+
+    def entity(self, start: int, end: int, depth: int, where: str, default: str) -> None:
+        if not self.out.complete:
+            return
+        self.visits += 1
+        if self.visits > MAX_ENTITIES:
+            self.out.complete = False
+            self.add("MIME_READINGS_LIMIT", str(MAX_ENTITIES))
+            return
+        if depth > self.out.depth:
+            self.out.depth = depth
+        if depth > self.max_depth:
+            self.add("MIME_NESTING_TOO_DEEP", f"{where} (depth {depth}, limit {self.max_depth})")
+            return
+        raw = self.raw
+        headers, body_start = _split_head(raw, start, end)
+        ctypes = [v for n, v in headers if n.lower() == "content-type"]
+        encodings = [v for n, v in headers if n.lower() == "content-transfer-encoding"]
+        if len(ctypes) > 1:
+            self.add("MIME_DUPLICATE_CONTENT_TYPE", where)
+        if len(encodings) > 1:
+            self.add("MIME_DUPLICATE_TRANSFER_ENCODING", where)
+
+        # readings of this entity: (Content-Type value, media type, boundary or None)
+        readings: list[tuple[str | None, str, str | None]] = []
+        for value in ctypes or [None]:
+            media = _media_type(value, default)
+            if media.startswith("multipart/") and value is not None:
+                found = _boundaries(value)
+                if len(found) > 1:
+                    self.add("MIME_DUPLICATE_BOUNDARY", where)
+                for b in dict.fromkeys(found) or [None]:
+                    readings.append((value, media, b))
+            else:
+                readings.append((value, media, None))
+        distinct = {(media, b) if media.startswith("multipart/") else (value, b)
+                    for value, media, b in readings}
+        if len(distinct) > 1 or len(set(e.strip().lower() for e in encodings)) > 1:
+            self.out.ambiguous = True
+
+        done: set[tuple[str, str | None]] = set()
+        for value, media, boundary in readings:
+            key = (media, boundary) if media.startswith("multipart/") else (value or "", None)
+            if key in done:
+                continue
+            done.add(key)
+            if media.startswith("multipart/") and boundary is not None:
+                if self.multipart(body_start, end, boundary, media, depth, where):
+                    continue
+                # boundary never found: readers show the body as one leaf
+            elif media == "message/rfc822" and body_start < end:
+                self.entity(body_start, end, depth + 1, f"{where} (message)", "text/plain")
+                continue
+            for cte in dict.fromkeys(encodings) or [None]:
+                self.leaf(start, body_start, end, headers, value, cte, default, where)
+
+    def multipart(self, body_start: int, end: int, boundary: str, media: str, depth: int,
+                  where: str) -> bool:
+        raw = self.raw
+        try:
+            token = boundary.encode("ascii", "surrogateescape")
+        except UnicodeEncodeError:
+            token = boundary.encode("utf-8", "surrogateescape")
+        shown = boundary if len(boundary) <= 40 else boundary[:37] + "..."
+        key = (body_start, end, token)
+        if key in self._seen_entities:
+            return True
+        self._seen_entities.add(key)
+        delims = _delimiters(raw, token, body_start, end)
+        if not delims:
+            self.add("MIME_BOUNDARY_NOT_FOUND", f"{where} (boundary {shown!r})")
+            return False
+        child_default = "message/rfc822" if media == "multipart/digest" else "text/plain"
+        prefix = "part " if where == "message" else where + "."
+        for n, ((_, line_end, close), nxt) in enumerate(zip(delims, delims[1:] + [None]), 1):
+            if close:
+                break
+            part_end = _body_end(raw, nxt[0], line_end) if nxt is not None else end
+            self.entity(line_end, part_end, depth + 1, f"{prefix}{n}", child_default)
+            if not self.out.complete:
+                break
+        return True
+
+    def leaf(self, start: int, body_start: int, end: int, headers: list[tuple[str, str]],
+             ctype: str | None, cte: str | None, default: str, where: str) -> None:
+        key = (start, end, ctype, cte)
+        if key in self._seen_leaves:
+            return
+        self._seen_leaves.add(key)
+        self.out.leaves.append(Leaf(start, body_start, end, tuple(headers), ctype, cte, default,
+                                    where))
+
+
+def analyse(raw: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Structure:
+    """The MIME structure of a whole raw message under every reading; never raises on content."""
+    start = 0
+    if raw.startswith(b"From "):  # an mbox separator line is not a header
+        nl = raw.find(b"\n")
+        start = len(raw) if nl == -1 else nl + 1
+    walk = _Walk(raw, max_depth)
+    try:
+        walk.entity(start, len(raw), 0, "message", "text/plain")
+    except RecursionError:  # max_depth is bounded by its setting; this is a backstop
+        walk.add("MIME_NESTING_TOO_DEEP", "message (too deep to walk)")
+    return walk.out
+
+
+def leaf_part(raw: bytes, leaf: Leaf) -> "Part":
+    """A Part for one leaf of one reading: its own headers with only the chosen Content-Type and
+    Content-Transfer-Encoding, so the stdlib's getters read what this reading reads."""
+    from filterd.message import _make_part
+    msg = Message()
+    for name, value in leaf.headers:
+        lower = name.lower()
+        if lower in ("content-type", "content-transfer-encoding"):
+            continue
+        msg[name] = value
+    if leaf.content_type is not None:
+        msg["Content-Type"] = leaf.content_type
+    if leaf.transfer_encoding is not None:
+        msg["Content-Transfer-Encoding"] = leaf.transfer_encoding
+    msg.set_default_type(leaf.default_type)
+    msg.set_payload(raw[leaf.body_start:leaf.end].decode("ascii", "surrogateescape"))
+    return _make_part(msg)
+
+
+def _key(part: "Part") -> tuple[str, str | None, str, int, bytes]:
+    payload = part.payload
+    return (part.content_type, part.filename, part.disposition or "", len(payload),
+            hashlib.blake2b(payload, digest_size=16).digest())
+
+
+def alternative_parts(raw: bytes, structure: Structure, primary: Sequence["Part"]) -> list["Part"]:
+    """The leaf parts of every reading that the parser's own reading (`primary`) lacks.
+
+    Empty for a message with one reading. Parts are compared by type, name, disposition and
+    decoded content, so a part that every reading shares is examined once.
+    """
+    if not structure.ambiguous:
+        return []
+    seen = {_key(p) for p in primary}
+    out: list[Part] = []
+    for leaf in structure.leaves:
+        try:
+            part = leaf_part(raw, leaf)
+            key = _key(part)
+        except Exception:  # a leaf the stdlib cannot describe: the parser's reading stands
+            continue
+        if key not in seen:
+            seen.add(key)
+            out.append(part)
+    return out
+
+
+BASE64_DEFECTS = frozenset(("InvalidBase64PaddingDefect", "InvalidBase64CharactersDefect",
+                            "InvalidBase64LengthDefect"))
+
+
+def cut_base64_defects(sub: Message) -> list[str]:
+    """The base64 defects of a part that our content limit cut short, blaming only the sender.
+
+    The parser's decoding of a cut part always looks broken (a quantum or line cut in half).
+    Its encoded text is checked again up to the last whole 4-character quantum: what is wrong
+    in that much was sent that way (characters outside the alphabet, padding in the middle).
+    """
+    try:
+        from email._encoded_words import decode_b  # what compat32's get_payload decodes with
+        text = sub.get_payload()
+        if not isinstance(text, str):
+            return []
+        data = b"".join(text.encode("ascii", "surrogateescape").splitlines())
+        _, found = decode_b(data[:len(data) - len(data) % 4])
+    except Exception:
+        return []
+    return [type(d).__name__ for d in found]
+
+
+def every_reading(raw: bytes, structure: Structure, primary: Iterable["Part"]) -> list["Part"]:
+    """The parser's parts followed by those only other readings have."""
+    primary = list(primary)
+    return primary + alternative_parts(raw, structure, primary)
