@@ -33,11 +33,11 @@ _SINGLE = ("from", "sender", "reply-to", "to", "cc", "subject", "date", "message
            "in-reply-to", "references")
 _BASE64_DEFECTS = {"InvalidBase64PaddingDefect", "InvalidBase64CharactersDefect",
                    "InvalidBase64LengthDefect"}
-_BOUNDARY_DEFECTS = {"NoBoundaryInMultipartDefect", "CloseBoundaryNotFoundDefect",
-                     "MultipartInvariantViolationDefect"}
-# the structure walk reports a boundary that never appears (MIME_BOUNDARY_NOT_FOUND) for every
-# reading, and without truncation artefacts; the parser's view of it would count it twice
-_STRUCTURE_DEFECTS = {"StartBoundaryNotFoundDefect"}
+_BOUNDARY_DEFECTS = {"NoBoundaryInMultipartDefect", "CloseBoundaryNotFoundDefect"}
+# The structure walk reports a boundary that never appears (MIME_BOUNDARY_NOT_FOUND) for every
+# reading, and without truncation artefacts: the parser's view of it would count it twice.
+# The invariant violation ("multipart" that is not) only follows from a missing boundary.
+_STRUCTURE_DEFECTS = {"StartBoundaryNotFoundDefect", "MultipartInvariantViolationDefect"}
 _HARMLESS_DEFECTS = {"MissingHeaderBodySeparatorDefect"}  # reported as MESSAGE_NO_BODY
 _MAX_PLACES = 10  # options per structure symbol: the first few places explain it
 

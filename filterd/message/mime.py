@@ -25,12 +25,15 @@ Finding kinds are the symbol names the sanity check emits (descriptions and scor
   MIME_BOUNDARY_NOT_FOUND           a multipart boundary (of any reading) never appears as a
                                     delimiter line in its body
   MIME_NESTING_TOO_DEEP             entities nest deeper than max_depth
-  MIME_READINGS_LIMIT               more entity readings than MAX_ENTITIES: the rest unexamined
+  MIME_READINGS_LIMIT               more entity readings than MAX_ENTITIES (or, overlapping,
+                                    more than MAX_BYTES_FACTOR times the message's bytes):
+                                    the rest unexamined
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -46,9 +49,12 @@ FINDING_SYMBOLS = ("MIME_DUPLICATE_CONTENT_TYPE", "MIME_DUPLICATE_TRANSFER_ENCOD
                    "MIME_DUPLICATE_BOUNDARY", "MIME_BOUNDARY_NOT_FOUND", "MIME_NESTING_TOO_DEEP",
                    "MIME_READINGS_LIMIT")
 DEFAULT_MAX_DEPTH = 20
-# Entity readings examined per message. Ordinary mail has a handful of entities and one
-# reading each; only nested ambiguity multiplies readings, and that is worth no more effort.
+# Entity readings examined per message, and bytes walked in all of them as a multiple of the
+# message size (readings of nested ambiguity may overlap). Ordinary mail has a handful of
+# entities and one reading each, walked once; only nested ambiguity multiplies readings, and
+# that is worth no more effort than this.
 MAX_ENTITIES = 2000
+MAX_BYTES_FACTOR = 8
 # Content-Type values longer than this are not parsed for parameters (the stdlib's parameter
 # parser is quadratic on some inputs); the media type is still read.
 _MAX_PARAM_CHARS = 8192
@@ -167,33 +173,28 @@ def _delimiters(raw: bytes, boundary: bytes, start: int, end: int) -> list[tuple
     """(line start, line end, is close) of each delimiter line of `boundary` in raw[start:end].
 
     A delimiter line is "--" boundary, optionally "--", optional blanks, then the line end
-    (RFC 2046 5.1.1, as the stdlib parser matches it). Stops after the close delimiter.
+    (RFC 2046 5.1.1, as the stdlib parser matches it). Stops after the close delimiter. The
+    search is one regex pass in C with a literal prefix, so lines that merely start like a
+    delimiter cost no Python-level work.
     """
-    out: list[tuple[int, int, bool]] = []
-    delim = b"--" + boundary
-    pos = start
-    while True:
-        i = raw.find(delim, pos, end)
-        if i == -1:
-            return out
-        pos = i + 1
-        if i != start and raw[i - 1:i] != b"\n":
-            continue
-        j = i + len(delim)
-        close = raw[j:j + 2] == b"--"
-        k = j + 2 if close else j
-        while k < end and raw[k:k + 1] in (b" ", b"\t"):
-            k += 1
-        if k < end and raw[k:k + 1] not in (b"\r", b"\n"):
-            continue
+    tail = re.escape(boundary) + rb"(--)?[ \t]*(?=[\r\n]|\Z)"
+
+    def line_end(k: int) -> int:
         if raw[k:k + 2] == b"\r\n":
-            k += 2
-        elif k < end:
-            k += 1
-        out.append((i, min(k, end), close))
-        if close:
+            return min(k + 2, end)
+        return k + 1 if k < end else end
+
+    out: list[tuple[int, int, bool]] = []
+    first = re.compile(b"--" + tail).match(raw, start, end)
+    if first is not None:
+        out.append((start, line_end(first.end()), first.group(1) is not None))
+        if first.group(1) is not None:
             return out
-        pos = k
+    for m in re.compile(b"\n--" + tail).finditer(raw, start, end):
+        out.append((m.start() + 1, line_end(m.end()), m.group(1) is not None))
+        if m.group(1) is not None:
+            break
+    return out
 
 
 def _body_end(raw: bytes, line_start: int, floor: int) -> int:
@@ -213,6 +214,7 @@ class _Walk:
         self.max_depth = max_depth
         self.out = Structure()
         self.visits = 0
+        self.bytes_left = MAX_BYTES_FACTOR * len(raw) + 65536
         self._seen_leaves: set[tuple[int, int, str | None, str | None]] = set()
         self._seen_entities: set[tuple[int, int, bytes]] = set()
 
@@ -225,7 +227,8 @@ class _Walk:
         if not self.out.complete:
             return
         self.visits += 1
-        if self.visits > MAX_ENTITIES:
+        self.bytes_left -= end - start
+        if self.visits > MAX_ENTITIES or self.bytes_left < 0:
             self.out.complete = False
             self.add("MIME_READINGS_LIMIT", str(MAX_ENTITIES))
             return
