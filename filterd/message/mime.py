@@ -79,7 +79,6 @@ class Leaf:
     start: int
     body_start: int
     end: int
-    headers: tuple[tuple[str, str], ...]
     content_type: str | None       # the Content-Type value this reading uses (None: default)
     transfer_encoding: str | None  # the Content-Transfer-Encoding value this reading uses
     default_type: str              # text/plain, or message/rfc822 inside multipart/digest
@@ -104,35 +103,41 @@ class Structure:
         return out
 
 
-def _split_head(raw: bytes, start: int, end: int) -> tuple[list[tuple[str, str]], int]:
-    """The header fields of the entity at raw[start:end] and where its body starts.
+# Header lines as the stdlib feed parser takes them: "name:" lines and their continuations; the
+# block ends at the first line that is neither (an empty line, or the body's first line).
+_HEADER_BLOCK = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\n]*(?:\n|\Z)(?:[ \t][^\n]*(?:\n|\Z))*)*")
+_MIME_FIELD = re.compile(rb"^(content-type|content-transfer-encoding)[ \t]*:"
+                         rb"([^\n]*(?:\n[ \t][^\n]*)*)", re.I | re.M)
+_FOLD = re.compile(rb"\r?\n[ \t]+")
 
-    As the stdlib feed parser does: the block ends at an empty line, or at the first line that
-    is neither a header field nor a continuation (that line is then the body's first).
-    """
-    headers: list[tuple[str, str]] = []
-    pos = start
-    while pos < end:
-        nl = raw.find(b"\n", pos, end)
-        line_end = end if nl == -1 else nl + 1
-        line = raw[pos:line_end].rstrip(b"\r\n")
-        if not line:
-            return headers, line_end
-        if line[:1] in (b" ", b"\t"):
-            if headers:
-                name, value = headers[-1]
-                headers[-1] = (name, value + " " + line.strip().decode("ascii", "surrogateescape"))
-                pos = line_end
-                continue
-            return headers, pos
-        colon = line.find(b":")
-        name = line[:colon].rstrip(b" \t") if colon > 0 else b""
-        if not name or any(c <= 32 or c > 126 for c in name):
-            return headers, pos
-        headers.append((name.decode("ascii"),
-                        line[colon + 1:].strip().decode("ascii", "surrogateescape")))
-        pos = line_end
-    return headers, end
+
+def _split_head(raw: bytes, start: int, end: int) -> tuple[list[str], list[str], int]:
+    """The Content-Type and Content-Transfer-Encoding values of the entity at raw[start:end],
+    in order, and where its body starts (one regex pass over the header block, in C)."""
+    block_end = _HEADER_BLOCK.match(raw, start, end).end()  # type: ignore[union-attr]
+    if raw.startswith(b"\r\n", block_end) and block_end + 2 <= end:
+        body_start = block_end + 2
+    elif raw.startswith(b"\n", block_end) and block_end < end:
+        body_start = block_end + 1
+    else:  # a line that is no header: the stdlib starts the body there
+        body_start = block_end
+    ctypes: list[str] = []
+    encodings: list[str] = []
+    for m in _MIME_FIELD.finditer(raw, start, block_end):
+        value = _FOLD.sub(b" ", m.group(2)).strip().decode("ascii", "surrogateescape")
+        (ctypes if len(m.group(1)) == 12 else encodings).append(value)
+    return ctypes, encodings, body_start
+
+
+def _headers(raw: bytes, start: int, body_start: int) -> list[tuple[str, str]]:
+    """Every header field of an entity whose body starts at body_start, unfolded."""
+    out: list[tuple[str, str]] = []
+    for line in _FOLD.sub(b" ", raw[start:body_start]).splitlines():
+        name, colon, value = line.partition(b":")
+        if colon and name.strip():
+            out.append((name.strip().decode("ascii", "surrogateescape"),
+                        value.strip().decode("ascii", "surrogateescape")))
+    return out
 
 
 def _media_type(value: str | None, default: str) -> str:
@@ -169,30 +174,54 @@ def _boundaries(value: str) -> list[str]:
     return out
 
 
+_DELIMITER_TAIL = re.compile(rb"(--)?[ \t]*(?=[\r\n]|\Z)")
+# Candidates ("--boundary" at a line start) that are no delimiter before the search switches to
+# one compiled regex: compiling costs about a millisecond, more than the ordinary message's
+# whole search, but a body full of near-delimiters must not cost a Python loop per line.
+_NEAR_MISSES = 256
+
+
 def _delimiters(raw: bytes, boundary: bytes, start: int, end: int) -> list[tuple[int, int, bool]]:
     """(line start, line end, is close) of each delimiter line of `boundary` in raw[start:end].
 
     A delimiter line is "--" boundary, optionally "--", optional blanks, then the line end
-    (RFC 2046 5.1.1, as the stdlib parser matches it). Stops after the close delimiter. The
-    search is one regex pass in C with a literal prefix, so lines that merely start like a
-    delimiter cost no Python-level work.
+    (RFC 2046 5.1.1, as the stdlib parser matches it). Stops after the close delimiter.
     """
-    tail = re.escape(boundary) + rb"(--)?[ \t]*(?=[\r\n]|\Z)"
+    delim = b"--" + boundary
+    out: list[tuple[int, int, bool]] = []
 
     def line_end(k: int) -> int:
-        if raw[k:k + 2] == b"\r\n":
+        if raw.startswith(b"\r\n", k):
             return min(k + 2, end)
         return k + 1 if k < end else end
 
-    out: list[tuple[int, int, bool]] = []
-    first = re.compile(b"--" + tail).match(raw, start, end)
-    if first is not None:
-        out.append((start, line_end(first.end()), first.group(1) is not None))
-        if first.group(1) is not None:
+    def at(i: int) -> bool:
+        """Whether the candidate at line start i is a delimiter; records it if so."""
+        tail = _DELIMITER_TAIL.match(raw, i + len(delim), end)
+        if tail is None:
+            return False
+        out.append((i, line_end(tail.end()), tail.group(1) is not None))
+        return True
+
+    if raw.startswith(delim, start) and start + len(delim) <= end and at(start) and out[-1][2]:
+        return out
+    pos, misses = start, 0
+    while True:
+        i = raw.find(b"\n" + delim, pos, end)
+        if i == -1:
             return out
-    for m in re.compile(b"\n--" + tail).finditer(raw, start, end):
+        if at(i + 1):
+            if out[-1][2] or len(out) > MAX_ENTITIES:  # past the budget the walk stops anyway
+                return out
+        else:
+            misses += 1
+            if misses > _NEAR_MISSES:
+                break
+        pos = i + 1
+    pattern = re.compile(b"\n" + re.escape(delim) + rb"(--)?[ \t]*(?=[\r\n]|\Z)")
+    for m in pattern.finditer(raw, pos, end):
         out.append((m.start() + 1, line_end(m.end()), m.group(1) is not None))
-        if m.group(1) is not None:
+        if m.group(1) is not None or len(out) > MAX_ENTITIES:
             break
     return out
 
@@ -238,9 +267,7 @@ class _Walk:
             self.add("MIME_NESTING_TOO_DEEP", f"{where} (depth {depth}, limit {self.max_depth})")
             return
         raw = self.raw
-        headers, body_start = _split_head(raw, start, end)
-        ctypes = [v for n, v in headers if n.lower() == "content-type"]
-        encodings = [v for n, v in headers if n.lower() == "content-transfer-encoding"]
+        ctypes, encodings, body_start = _split_head(raw, start, end)
         if len(ctypes) > 1:
             self.add("MIME_DUPLICATE_CONTENT_TYPE", where)
         if len(encodings) > 1:
@@ -277,7 +304,7 @@ class _Walk:
                 self.entity(body_start, end, depth + 1, f"{where} (message)", "text/plain")
                 continue
             for cte in dict.fromkeys(encodings) or [None]:
-                self.leaf(start, body_start, end, headers, value, cte, default, where)
+                self.leaf(start, body_start, end, value, cte, default, where)
 
     def multipart(self, body_start: int, end: int, boundary: str, media: str, depth: int,
                   where: str) -> bool:
@@ -306,14 +333,13 @@ class _Walk:
                 break
         return True
 
-    def leaf(self, start: int, body_start: int, end: int, headers: list[tuple[str, str]],
-             ctype: str | None, cte: str | None, default: str, where: str) -> None:
+    def leaf(self, start: int, body_start: int, end: int, ctype: str | None, cte: str | None,
+             default: str, where: str) -> None:
         key = (start, end, ctype, cte)
         if key in self._seen_leaves:
             return
         self._seen_leaves.add(key)
-        self.out.leaves.append(Leaf(start, body_start, end, tuple(headers), ctype, cte, default,
-                                    where))
+        self.out.leaves.append(Leaf(start, body_start, end, ctype, cte, default, where))
 
 
 def analyse(raw: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Structure:
@@ -335,7 +361,7 @@ def leaf_part(raw: bytes, leaf: Leaf) -> "Part":
     Content-Transfer-Encoding, so the stdlib's getters read what this reading reads."""
     from filterd.message import _make_part
     msg = Message()
-    for name, value in leaf.headers:
+    for name, value in _headers(raw, leaf.start, leaf.body_start):
         lower = name.lower()
         if lower in ("content-type", "content-transfer-encoding"):
             continue
