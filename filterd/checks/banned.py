@@ -177,8 +177,8 @@ def needs_worker(msg: MessageView, max_mime_depth: int = mime.DEFAULT_MAX_DEPTH)
     stall other scans."""
     if msg.truncated or len(msg.raw) > INLINE_MAX_BYTES:
         return True
-    if msg.mime_structure(max_mime_depth).ambiguous:
-        return True
+    if mime.disagrees(msg.mime_structure(max_mime_depth), msg.parts):
+        return True  # other readings' parts to decode and compare
     for part in msg.parts:
         if part.is_text and not part.filename:
             continue

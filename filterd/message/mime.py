@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from filterd.message import Part
 
 __all__ = ["Finding", "Leaf", "Structure", "analyse", "alternative_parts", "every_reading",
-           "cut_base64_defects", "configured_depth", "FINDING_SYMBOLS", "BASE64_DEFECTS", "MAX_ENTITIES",
+           "cut_base64_defects", "configured_depth", "disagrees", "FINDING_SYMBOLS", "BASE64_DEFECTS", "MAX_ENTITIES",
            "DEFAULT_MAX_DEPTH"]
 
 FINDING_SYMBOLS = ("MIME_DUPLICATE_CONTENT_TYPE", "MIME_DUPLICATE_TRANSFER_ENCODING",
@@ -384,10 +384,14 @@ def _key(part: "Part") -> tuple[str, str | None, str, int, bytes]:
 def alternative_parts(raw: bytes, structure: Structure, primary: Sequence["Part"]) -> list["Part"]:
     """The leaf parts of every reading that the parser's own reading (`primary`) lacks.
 
-    Empty for a message with one reading. Parts are compared by type, name, disposition and
-    decoded content, so a part that every reading shares is examined once.
+    Empty for a message with one reading that the walk and the parser agree on. They can
+    disagree without any duplicate header: the stdlib ends a line at a bare CR, so one in the
+    Subject ends its header block before Content-Type, and it sees one text part where a client
+    that ends lines at LF only sees attachments (trec07p spam inmail.8543 has this shape).
+    Parts are compared by type, name, disposition and decoded content, so a part that both
+    readings share is examined once.
     """
-    if not structure.ambiguous:
+    if not disagrees(structure, primary):
         return []
     seen = {_key(p) for p in primary}
     out: list[Part] = []
@@ -401,6 +405,11 @@ def alternative_parts(raw: bytes, structure: Structure, primary: Sequence["Part"
             seen.add(key)
             out.append(part)
     return out
+
+
+def disagrees(structure: Structure, primary: Sequence["Part"]) -> bool:
+    """Whether some reading may show a part the parser's `primary` parts lack."""
+    return structure.ambiguous or len(structure.leaves) != len(primary)
 
 
 BASE64_DEFECTS = frozenset(("InvalidBase64PaddingDefect", "InvalidBase64CharactersDefect",

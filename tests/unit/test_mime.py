@@ -295,3 +295,20 @@ def test_attachment_past_the_cut_is_still_banned(scanner):
     v = verdict(scanner, raw)
     got = {s.name for s in v.symbols}
     assert {"__CONTENT_TRUNCATED", "BANNED_EXTENSION"} <= got and v.action is Action.REJECT
+
+
+def test_a_bare_cr_that_ends_the_parsers_header_block_hides_nothing(scanner):
+    # the stdlib ends a line at a bare CR: for it the headers stop in the Subject and the
+    # message is one text part; a client ending lines at LF sees the attachment
+    raw = (b"From: a@example.org\r\nSubject: hi\rthere\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=X\r\n\r\n"
+           b"--X\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+           b"--X\r\nContent-Type: application/octet-stream; name=\"setup.exe\"\r\n"
+           b"Content-Transfer-Encoding: base64\r\n\r\n"
+           + base64.encodebytes(PE).replace(b"\n", b"\r\n") + b"--X--\r\n")
+    view = parse(raw)
+    assert [p.filename for p in view.parts] == [None]
+    assert "setup.exe" in [p.filename for p in view.reading_parts()]
+    v = verdict(scanner, raw)
+    assert {s.name: s.options for s in v.symbols}["BANNED_EXTENSION"] == ("setup.exe",)
+    assert v.action is Action.REJECT
