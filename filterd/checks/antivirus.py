@@ -7,8 +7,8 @@ in CLAM_UNAVAILABLE, and what that does (tempfail by default) is data in rules/a
 [failures], not code.
 
 A message whose MIME structure can be read in more than one way (two Content-Type headers, two
-boundaries: filterd.message.mime) may be read by clamd one way and by the recipient's client
-another. For such a message every part of every reading is also sent to clamd on its own
+boundaries, a bare CR that ends the parser's header block: filterd.message.mime) may be read by
+clamd one way and by the recipient's client another. For such a message every part of every reading is also sent to clamd on its own
 (decoded; at most MAX_READING_SCANS parts), so no reading hides a virus from it.
 
 Reads: clamav.socket, clamav.tcp (TCP wins when set), clamav.connect_timeout, clamav.timeout,
@@ -326,7 +326,9 @@ async def clamav(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
     report = await client.scan(msg.raw, timeout=budget)
     if not report.viruses and report.error is None and not report.oversize:
         depth = mime.configured_depth(ctx)
-        if msg.mime_structure(depth).ambiguous:
+        structure = msg.mime_structure(depth)
+        # a truncated view's parts are a prefix: only a duplicate header tells there
+        if structure.ambiguous or (not msg.truncated and mime.disagrees(structure, msg.parts)):
             report = await _scan_readings(client, msg, depth, budget - (loop.time() - started))
     ctx.notes["clamav_seconds"] = loop.time() - started
     if report.viruses:

@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from filterd.message import Part
 
 __all__ = ["Finding", "Leaf", "Structure", "analyse", "alternative_parts", "every_reading",
-           "cut_base64_defects", "configured_depth", "disagrees", "FINDING_SYMBOLS", "BASE64_DEFECTS", "MAX_ENTITIES",
-           "DEFAULT_MAX_DEPTH"]
+           "cut_base64_defects", "configured_depth", "disagrees", "FINDING_SYMBOLS",
+           "BASE64_DEFECTS", "MAX_ENTITIES", "DEFAULT_MAX_DEPTH"]
 
 FINDING_SYMBOLS = ("MIME_DUPLICATE_CONTENT_TYPE", "MIME_DUPLICATE_TRANSFER_ENCODING",
                    "MIME_DUPLICATE_BOUNDARY", "MIME_BOUNDARY_NOT_FOUND", "MIME_NESTING_TOO_DEEP",
