@@ -6,8 +6,13 @@ copy. A dead, slow or confused clamd is never read as "clean": every way the sca
 in CLAM_UNAVAILABLE, and what that does (tempfail by default) is data in rules/antivirus.toml
 [failures], not code.
 
+A message whose MIME structure can be read in more than one way (two Content-Type headers, two
+boundaries, a bare CR that ends the parser's header block: filterd.message.mime) may be read by
+clamd one way and by the recipient's client another. For such a message every part of every reading is also sent to clamd on its own
+(decoded; at most MAX_READING_SCANS parts), so no reading hides a virus from it.
+
 Reads: clamav.socket, clamav.tcp (TCP wins when set), clamav.connect_timeout, clamav.timeout,
-clamav.stream_max_length, clamav.max_connections.
+clamav.stream_max_length, clamav.max_connections, scan.max_mime_depth.
 
 Emits:
   CLAM_VIRUS        clamd found something (options: the signature names)
@@ -38,7 +43,7 @@ from typing import Any
 import pyclamd
 
 from filterd.actions.headers import HEADER_BUILDERS
-from filterd.message import MessageView
+from filterd.message import MessageView, mime, parse
 from filterd.pipeline import Phase, ScanContext, check
 from filterd.policy import Symbol, Verdict
 
@@ -52,6 +57,9 @@ _CHUNK = 64 * 1024
 # Our own scan timeout must fire before the pipeline's per-check timeout does: that one would
 # only add a zero-score CHECK_TIMEOUT and let an unscanned message through.
 _TIMEOUT_MARGIN = 0.25
+# Parts of an ambiguous message scanned one by one: the first ones of every reading. A message
+# with more readings than this is held anyway (MIME_READINGS_LIMIT / the forced table).
+MAX_READING_SCANS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,8 +321,16 @@ async def clamav(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
     budget = min(_own_check_timeout(ctx), ctx.remaining()) - _TIMEOUT_MARGIN
     if budget <= 0:
         return [Symbol("CLAM_UNAVAILABLE", ("no time left in the message deadline",))]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     report = await client.scan(msg.raw, timeout=budget)
-    ctx.notes["clamav_seconds"] = report.seconds
+    if not report.viruses and report.error is None and not report.oversize:
+        depth = mime.configured_depth(ctx)
+        structure = msg.mime_structure(depth)
+        # a truncated view's parts are a prefix: only a duplicate header tells there
+        if structure.ambiguous or (not msg.truncated and mime.disagrees(structure, msg.parts)):
+            report = await _scan_readings(client, msg, depth, budget - (loop.time() - started))
+    ctx.notes["clamav_seconds"] = loop.time() - started
     if report.viruses:
         return [Symbol("CLAM_VIRUS", report.viruses)]
     if report.oversize:
@@ -323,6 +339,32 @@ async def clamav(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
         log.warning("clamd at %s unavailable: %s", client.address, report.error)
         return [Symbol("CLAM_UNAVAILABLE", (report.error,))]
     return [Symbol("__CLAM_CLEAN")]
+
+
+def _reading_payloads(msg: MessageView, depth: int) -> list[bytes]:
+    """The decoded parts of every MIME reading of the whole message (blocking: decodes)."""
+    primary = None
+    if msg.truncated:
+        primary = parse(msg.raw, msg.envelope, content_limit=len(msg.raw) + 1).parts
+    payloads = [p.payload for p in msg.reading_parts(depth, primary=primary)]
+    return [p for p in payloads if p][:MAX_READING_SCANS]
+
+
+async def _scan_readings(client: ClamdClient, msg: MessageView, depth: int,
+                         budget: float) -> ScanReport:
+    """Each part of every reading of an ambiguous message, scanned on its own; the first
+    virus, error or oversize answer ends it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    payloads = await loop.run_in_executor(None, _reading_payloads, msg, depth)
+    for payload in payloads:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return ScanReport(error="no time left to scan every MIME reading")
+        report = await client.scan(payload, timeout=remaining)
+        if report.viruses or report.error is not None or report.oversize:
+            return report
+    return ScanReport()
 
 
 # --- headers ---------------------------------------------------------------------------------

@@ -4,10 +4,12 @@ Trusts: nothing the sender wrote. A file name is only a claim: the content's mag
 (sniffed with the `filetype` library) decide whether a part is an executable, and archives are
 opened (filterd.checks.archives, with hard limits) to see what they carry.
 
-Reads: no settings. The lists and the archive limits are the check's arguments in
+Reads: scan.max_mime_depth. The lists and the archive limits are the check's arguments in
 rules/banned.toml (data: a site changes them in local.d/banned.toml). Works on the whole
 message even when the content checks see only scan.content_size_limit bytes of it: an
-attachment past that point is still inspected.
+attachment past that point is still inspected. Works on every reading of an ambiguous MIME
+structure (two Content-Type headers, two boundaries: filterd.message.mime), so a part that
+only the reading of some mail client shows is inspected too.
 
 Emits (options name the offending part; members as "outer.zip/inner.exe"):
   BANNED_EXTENSION         an attachment's name ends in a banned extension (invoice.exe)
@@ -38,7 +40,7 @@ import unicodedata
 from typing import Iterable, Sequence
 
 from filterd.checks.archives import HEAD_BYTES, Inspection, Limits, archive_kind, inspect
-from filterd.message import MessageView, Part, parse
+from filterd.message import MessageView, Part, mime, parse
 from filterd.pipeline import Phase, ScanContext, check
 from filterd.policy import Symbol
 
@@ -169,11 +171,14 @@ def _archive_symbols(found: dict[str, list[str]], report: Inspection, policy: Na
 INLINE_MAX_BYTES = 256 * 1024
 
 
-def needs_worker(msg: MessageView) -> bool:
+def needs_worker(msg: MessageView, max_mime_depth: int = mime.DEFAULT_MAX_DEPTH) -> bool:
     """Whether the check must leave the event loop: archives to open, a truncated view to
-    parse again, or so many bytes that decoding them would stall other scans."""
+    parse again, other MIME readings to decode, or so many bytes that decoding them would
+    stall other scans."""
     if msg.truncated or len(msg.raw) > INLINE_MAX_BYTES:
         return True
+    if mime.disagrees(msg.mime_structure(max_mime_depth), msg.parts):
+        return True  # other readings' parts to decode and compare
     for part in msg.parts:
         if part.is_text and not part.filename:
             continue
@@ -182,15 +187,18 @@ def needs_worker(msg: MessageView) -> bool:
     return False
 
 
-def _whole_parts(msg: MessageView) -> list[Part]:
-    """The message's parts, parsed from all of it when the view holds only a prefix."""
+def _whole_parts(msg: MessageView, max_mime_depth: int) -> list[Part]:
+    """The message's parts under every reading, parsed from all of it when the view holds
+    only a prefix."""
     if not msg.truncated:
-        return msg.parts
-    return parse(msg.raw, msg.envelope, content_limit=len(msg.raw) + 1).parts
+        return msg.reading_parts(max_mime_depth)
+    whole = parse(msg.raw, msg.envelope, content_limit=len(msg.raw) + 1).parts
+    return msg.reading_parts(max_mime_depth, primary=whole)
 
 
-def _inspect_message(msg: MessageView, policy: NamePolicy, limits: Limits) -> list[Symbol]:
-    return examine_parts(_whole_parts(msg), policy, limits)
+def _inspect_message(msg: MessageView, policy: NamePolicy, limits: Limits,
+                     max_mime_depth: int) -> list[Symbol]:
+    return examine_parts(_whole_parts(msg, max_mime_depth), policy, limits)
 
 
 # Limits is a slots dataclass: its class attributes are slot descriptors, not the defaults,
@@ -211,10 +219,11 @@ async def banned_files(msg: MessageView, ctx: ScanContext, *, extensions: Sequen
     limits = Limits(max_depth=int(max_depth), max_members=int(max_members),
                     max_expanded_bytes=int(max_expanded_bytes),
                     max_member_read=int(max_member_read), time_budget=float(time_budget))
-    if not needs_worker(msg):
+    depth = mime.configured_depth(ctx)
+    if not needs_worker(msg, depth):
         return examine_parts(msg.parts, policy, limits)
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, _inspect_message, msg, policy, limits)
+    return await loop.run_in_executor(None, _inspect_message, msg, policy, limits, depth)
 
 
 @functools.lru_cache(maxsize=16)

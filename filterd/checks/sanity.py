@@ -1,14 +1,20 @@
 """Message sanity: header and MIME structure problems that mail clients tolerate and spam shows.
 
-Trusts: nothing; reads the raw header block and the parser's defect list.
-Settings: none. Symbols (scores in rules/scores.toml; bad-header ones feed the quarantine's
-"bad-header" category):
+Trusts: nothing; reads the raw header block, the parser's defect list and the MIME structure
+under every reading (filterd.message.mime: the whole message, not just the content prefix).
+Settings: scan.max_mime_depth. Symbols (scores in rules/scores.toml, forced actions in
+rules/actions.toml; bad-header ones feed the quarantine's "bad-header" category):
   MISSING_DATE, MISSING_MID, MISSING_FROM, MISSING_SUBJECT, FROM_MALFORMED, DATE_MALFORMED,
   HEADER_8BIT (raw 8-bit bytes in the header block), HEADER_DUPLICATE (options: header names),
   HEADER_LINE_TOO_LONG (over RFC 5322's 998), MESSAGE_NO_BODY (no header/body separator),
   MESSAGE_NUL_BYTES, MIME_DEFECT (options: defect names), MIME_BAD_BASE64,
-  MIME_MISSING_BOUNDARY, MIME_NESTING_TOO_DEEP, __CONTENT_TRUNCATED (only the first
-  scan.content_size_limit bytes were read by content checks).
+  MIME_MISSING_BOUNDARY (a multipart without a boundary parameter, or never closed),
+  MIME_NESTING_TOO_DEEP (past scan.max_mime_depth, or too deep for the parser),
+  MIME_DUPLICATE_CONTENT_TYPE, MIME_DUPLICATE_TRANSFER_ENCODING, MIME_DUPLICATE_BOUNDARY,
+  MIME_BOUNDARY_NOT_FOUND, MIME_READINGS_LIMIT (options: where, e.g. "message", "part 2.1"),
+  __CONTENT_TRUNCATED (only the first scan.content_size_limit bytes were read by content checks).
+Defects our own truncation causes (a cut base64 part, missing closing boundaries) are not
+reported: see MessageView.defects.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import email.utils
 import re
 
-from filterd.message import MessageView
+from filterd.message import MessageView, mime
 from filterd.pipeline import Phase, ScanContext, check
 from filterd.policy import Symbol
 
@@ -27,9 +33,13 @@ _SINGLE = ("from", "sender", "reply-to", "to", "cc", "subject", "date", "message
            "in-reply-to", "references")
 _BASE64_DEFECTS = {"InvalidBase64PaddingDefect", "InvalidBase64CharactersDefect",
                    "InvalidBase64LengthDefect"}
-_BOUNDARY_DEFECTS = {"StartBoundaryNotFoundDefect", "NoBoundaryInMultipartDefect",
-                     "CloseBoundaryNotFoundDefect", "MultipartInvariantViolationDefect"}
+_BOUNDARY_DEFECTS = {"NoBoundaryInMultipartDefect", "CloseBoundaryNotFoundDefect"}
+# The structure walk reports a boundary that never appears (MIME_BOUNDARY_NOT_FOUND) for every
+# reading, and without truncation artefacts: the parser's view of it would count it twice.
+# The invariant violation ("multipart" that is not) only follows from a missing boundary.
+_STRUCTURE_DEFECTS = {"StartBoundaryNotFoundDefect", "MultipartInvariantViolationDefect"}
 _HARMLESS_DEFECTS = {"MissingHeaderBodySeparatorDefect"}  # reported as MESSAGE_NO_BODY
+_MAX_PLACES = 10  # options per structure symbol: the first few places explain it
 
 
 def _has_long_line(head: bytes) -> bool:
@@ -52,7 +62,8 @@ def header_block(raw: bytes) -> tuple[bytes, bool]:
     "MISSING_DATE", "MISSING_MID", "MISSING_FROM", "MISSING_SUBJECT", "FROM_MALFORMED",
     "DATE_MALFORMED", "HEADER_8BIT", "HEADER_DUPLICATE", "HEADER_LINE_TOO_LONG",
     "MESSAGE_NO_BODY", "MESSAGE_NUL_BYTES", "MIME_DEFECT", "MIME_BAD_BASE64",
-    "MIME_MISSING_BOUNDARY", "MIME_NESTING_TOO_DEEP", "__CONTENT_TRUNCATED"))
+    "MIME_MISSING_BOUNDARY", "MIME_NESTING_TOO_DEEP", *mime.FINDING_SYMBOLS,
+    "__CONTENT_TRUNCATED"))
 def sanity(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
     out: list[Symbol] = []
     head, has_body = header_block(msg.raw)
@@ -89,7 +100,7 @@ def sanity(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
     if b"\x00" in msg.raw:
         out.append(Symbol("MESSAGE_NUL_BYTES"))
 
-    defects = set(msg.defects)
+    defects = set(msg.defects) - _STRUCTURE_DEFECTS
     if "NestingTooDeep" in defects or any(d.startswith("ParseError") for d in defects):
         out.append(Symbol("MIME_NESTING_TOO_DEEP" if "NestingTooDeep" in defects
                           else "MIME_DEFECT", tuple(sorted(defects))))
@@ -101,6 +112,11 @@ def sanity(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
         other = defects - _BASE64_DEFECTS - _BOUNDARY_DEFECTS - _HARMLESS_DEFECTS
         if other:
             out.append(Symbol("MIME_DEFECT", tuple(sorted(other))))
+    depth = mime.configured_depth(ctx)
+    emitted = {s.name for s in out}
+    for name, places in msg.mime_structure(depth).symbols().items():
+        if name not in emitted:
+            out.append(Symbol(name, tuple(places[:_MAX_PLACES])))
     if msg.truncated:
         out.append(Symbol("__CONTENT_TRUNCATED", (str(msg.content_limit),)))
     return out

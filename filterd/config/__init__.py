@@ -108,6 +108,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Bytes of a message the content checks (rules, Bayes, sanity) read; antivirus and "
             "quarantine always get the whole message (amavis: sa_mail_body_size_limit).",
             minimum=1024),
+    Setting("scan.max_mime_depth", "int", 20,
+            "MIME entities nested deeper than this give MIME_NESTING_TOO_DEEP and are not "
+            "searched for alternative readings (amavis: $MAXLEVELS).", minimum=1),
     Setting("scan.trusted_networks", "networks", ["127.0.0.0/8", "::1/128"],
             "Relays whose Received headers are trusted when finding the last external relay."),
     Setting("scan.mynetworks", "networks", _PRIVATE_NETS,

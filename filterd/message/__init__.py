@@ -28,6 +28,8 @@ from email.message import Message
 from functools import cached_property
 from typing import Iterable, Iterator, Sequence
 
+from filterd.message import mime
+
 __all__ = ["Envelope", "Relay", "Part", "Received", "MessageView", "parse", "decode_header_value",
            "html_to_text"]
 
@@ -496,9 +498,16 @@ class MessageView:
             # compat32 records base64 defects only when the payload is decoded
             if part.transfer_encoding == "base64":
                 part.payload
+        # the last part of a truncated copy is the one our content limit cut: its decoding
+        # errors are ours, what is wrong before the cut is the sender's
+        cut = self.parts[-1]._msg if self.truncated and self.parts else None
         try:
             for sub in self._msg.walk():
-                out.extend(type(d).__name__ for d in getattr(sub, "defects", ()))
+                found = [type(d).__name__ for d in getattr(sub, "defects", ())]
+                if sub is cut and mime.BASE64_DEFECTS.intersection(found):
+                    found = [d for d in found if d not in mime.BASE64_DEFECTS]
+                    found += mime.cut_base64_defects(sub)
+                out.extend(found)
         except Exception:
             out.append("NestingTooDeep")
         if self.truncated:
@@ -506,6 +515,26 @@ class MessageView:
             out = [d for d in out if d not in ("CloseBoundaryNotFoundDefect",
                                                "StartBoundaryNotFoundDefect")]
         return out
+
+    # --- MIME readings (filterd.message.mime) ---------------------------------------------
+    @cached_property
+    def _mime_structures(self) -> dict[int, mime.Structure]:
+        return {}
+
+    def mime_structure(self, max_depth: int = mime.DEFAULT_MAX_DEPTH) -> mime.Structure:
+        """The structure of the whole raw message under every reading a mail client might take
+        (duplicate Content-Type headers, duplicate boundaries): findings and leaves."""
+        found = self._mime_structures.get(max_depth)
+        if found is None:
+            found = self._mime_structures[max_depth] = mime.analyse(self.raw, max_depth=max_depth)
+        return found
+
+    def reading_parts(self, max_depth: int = mime.DEFAULT_MAX_DEPTH,
+                      primary: Sequence[Part] | None = None) -> list[Part]:
+        """`parts` (or `primary`), then the parts only another reading of the MIME structure
+        has, deduplicated: what the attachment checks examine so that no reading hides one."""
+        base = self.parts if primary is None else primary
+        return mime.every_reading(self.raw, self.mime_structure(max_depth), base)
 
     # --- transport -----------------------------------------------------------------------
     @cached_property

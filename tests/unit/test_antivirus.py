@@ -23,6 +23,7 @@ from filterd.checks.antivirus import ClamdClient, virus_headers
 from filterd.message import Envelope
 from filterd.policy import Action
 from filterd.service import Scanner
+from harness.messages import EICAR
 
 CLEAN = (b"From: a@example.org\r\nTo: b@example.org\r\nSubject: hello\r\n"
          b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <1@example.org>\r\n\r\nhi\r\n")
@@ -344,3 +345,37 @@ def test_virus_headers_builder_only_speaks_when_the_check_ran():
     settings = config.defaults().with_overrides({"daemon.hostname": "mx.test"})
     assert virus_headers(None, infected, settings) == [
         ("X-Virus-Scanned", "filterd at mx.test"), ("X-Virus-Status", "Infected (A, B)")]
+
+
+# --- ambiguous MIME: every reading goes to clamd ------------------------------------------
+
+class ContentClamd(FakeClamd):
+    """Finds EICAR only where its bytes are in the stream, as clamd does in what it decoded:
+    this fake decodes no MIME, so a base64 EICAR in a whole message goes unseen."""
+
+    reply = property(lambda self: "stream: Eicar-Test-Signature FOUND"
+                     if self.received and EICAR in self.received[-1] else "stream: OK",
+                     lambda self, value: None)
+
+
+@pytest.mark.parametrize("hidden_first", [False, True])
+@pytest.mark.parametrize("kind", ["two-content-type", "two-boundary"])
+def test_every_reading_of_an_ambiguous_message_is_scanned(tmp_path, sock_path, kind,
+                                                          hidden_first):
+    from harness.messages import ambiguous
+    f = ContentClamd(sock_path)
+    try:
+        scanner = make_scanner(tmp_path, client_for(f))
+        outcome, disp = scan(scanner, ambiguous(kind, hidden_first, name="notes.txt",
+                                                data=EICAR))
+        got = {s.name: s.options for s in outcome.verdict.symbols}
+        assert got["CLAM_VIRUS"] == ("Eicar-Test-Signature",)
+        assert disp.reply == "550 5.7.1 virus Eicar-Test-Signature detected"
+        assert EICAR not in f.received[0] and EICAR in f.received[-1]  # whole, then parts
+        # an unambiguous message goes to clamd once, whole, as before
+        f.received.clear()
+        from harness.messages import message
+        outcome, _ = scan(scanner, message(attachments=[("notes.txt", EICAR)]))
+        assert len(f.received) == 1 and "CLAM_VIRUS" not in outcome.verdict.symbol_names
+    finally:
+        f.close()
