@@ -180,6 +180,30 @@ def test_connections_over_the_cap_get_421_432(tmp_path, core_rules):
         r.close()
 
 
+def test_lmtp_answers_a_size_refusal_once_per_recipient(rig):
+    from filterd.frontends import smtp as smtp_frontend
+    from harness.loopback import free_port
+    lport = free_port()
+    server = asyncio.run_coroutine_threadsafe(
+        smtp_frontend.start_server(rig.scanner, f"127.0.0.1:{lport}", lmtp=True),
+        rig.loop).result(10)
+    try:
+        with smtplib.LMTP("127.0.0.1", lport, timeout=30) as client:
+            client.ehlo("postfix.test")
+            client.mail("a@example.org")
+            client.rcpt("b@example.net")
+            client.rcpt("c@example.net")
+            client.putcmd("data")
+            assert client.getreply()[0] == 354
+            client.send(message(30000) + b".\r\n")
+            replies = [client.getreply() for _ in range(2)]
+            assert [(c, t[:5]) for c, t in replies] == [(552, b"5.3.4")] * 2
+            assert client.noop()[0] == 250  # and the session is in step
+    finally:
+        rig.loop.call_soon_threadsafe(server.close)
+    assert rig.sink.messages == []
+
+
 # --- milter ------------------------------------------------------------------------------
 @pytest.fixture
 def loop_thread():
