@@ -37,7 +37,9 @@ SPOOL_MEMORY = 1024 * 1024       # bytes of one message kept in memory before sp
 CHARGE_STEP = 64 * 1024          # the budget is charged in steps, not per line
 TRIM_DELAY = 1.0                 # seconds after a release before malloc_trim (one per burst)
 TRIM_AFTER = 256 * 1024          # releasing at least this much asks for a trim
-MMAP_THRESHOLD = 256 * 1024      # glibc: blocks this large are always mmap()ed
+# glibc: blocks this large are always mmap()ed. Not lower: asyncio's recv() allocates 256 KiB
+# per read, and mapping each of those cost ~25 % on small messages after queue
+MMAP_THRESHOLD = 1024 * 1024
 
 
 class SpoolState(enum.Enum):
