@@ -29,6 +29,7 @@ rejects, the message is rejected. Policy banks may select on the macros {daemon_
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -56,6 +57,17 @@ ENVELOPE_MACROS = ("{daemon_name}", "{daemon_port}", "{auth_type}", "{auth_authe
 _scanner: Any = None
 _loop: asyncio.AbstractEventLoop | None = None
 _GRACE = 5.0  # seconds beyond the scan deadline before eom gives up and tempfails
+
+
+def _settings() -> Any:
+    """The running scanner's settings (the defaults before run(), as in unit tests)."""
+    return _scanner.settings if _scanner is not None else _default_settings()
+
+
+@functools.cache
+def _default_settings() -> Any:
+    from filterd import config
+    return config.defaults()
 
 
 def _escape_reply(text: str) -> str:
@@ -99,13 +111,9 @@ class FilterMilter(Milter.Base):
 
     def _spool(self) -> MessageSpool:
         if self.message is None:
-            settings = _scanner.settings if _scanner is not None else None
-            max_size = settings.milter.max_message_size if settings else 64 * 1024 * 1024
-            self.message = MessageSpool(limits.for_scanner(_scanner).budget, max_size)
+            self.message = MessageSpool(limits.for_scanner(_scanner).budget,
+                                        _settings().milter.max_message_size)
         return self.message
-
-    def _max_headers(self) -> int:
-        return _scanner.settings.milter.max_headers if _scanner is not None else 10000
 
     @Milter.noreply
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
@@ -140,7 +148,7 @@ class FilterMilter(Milter.Base):
             value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         self.header_count += 1
         spool = self._spool()
-        if self.header_count > self._max_headers():
+        if self.header_count > _settings().milter.max_headers:
             spool.fail(SpoolState.TOO_MANY_FIELDS)
         else:
             spool.write(name + b": " + value + b"\r\n")

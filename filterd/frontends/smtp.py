@@ -51,6 +51,7 @@ XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 TOO_BIG = "552 5.3.4 Error: message size exceeds fixed limit"
 NO_MEMORY = "452 4.3.1 Error: insufficient system storage, try again later"
 TOO_MANY = "421 4.3.2 Error: too many connections, try again later"
+READ_BACK_FAILED = "451 4.3.0 Error: internal error, try again later"
 _SIZE_PARAM = re.compile(r"(?i)(?:^|\s)SIZE=(\d{1,20})(?:\s|$)")
 
 
@@ -86,7 +87,7 @@ class FilterSMTP(SMTP):
             self.limits.smtp_connections.give()
         # The protocol, its reader and its task form reference cycles that only the cyclic
         # GC frees, which an idle daemon seldom runs: drop what the reader still buffers now.
-        buffer = getattr(self._reader, "_buffer", None)
+        buffer = getattr(getattr(self, "_reader", None), "_buffer", None)
         if isinstance(buffer, bytearray) and buffer:
             held = len(buffer)
             buffer.clear()
@@ -143,12 +144,18 @@ class FilterSMTP(SMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             await self._receive(spool)
+            content = None
             if spool.state is SpoolState.OK:
-                content = spool.getvalue()
+                try:
+                    content = spool.getvalue()
+                except OSError as exc:  # aiosmtpd would answer an exception with a 500
+                    log.error("cannot read back a spooled message: %s", exc)
+                    status = self._data_reply(READ_BACK_FAILED)
+            if content is not None:
                 self.envelope.content = self.envelope.original_content = content
                 del content
                 status = await self._call_handler_hook("DATA")
-            else:
+            elif spool.state is not SpoolState.OK:
                 log.warning("refused a message of %d bytes from %s: %s", spool.size,
                             self.session.peer, spool.state.value)
                 status = self._data_reply(TOO_BIG if spool.state is SpoolState.TOO_BIG

@@ -159,6 +159,19 @@ def test_pending_data_budget_tempfails_with_452_431_and_frees_after(tmp_path, co
     assert len(r.sink.messages) == 1
 
 
+def test_a_spool_that_cannot_reach_its_disk_tempfails_452_431(rig, monkeypatch, tmp_path):
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
+    raw = Raw(rig.port)
+    try:
+        raw.open_data()
+        raw.sock.sendall(message(20000) + b".\r\n")  # 1.5 MiB: past the in-memory part
+        assert raw.reply().startswith("452 4.3.1")
+    finally:
+        raw.close()
+    assert rig.sink.messages == [] and budget_of(rig).used == 0
+
+
 def test_connections_over_the_cap_get_421_432(tmp_path, core_rules):
     r = Rig(tmp_path, core_rules, **{"smtp.max_connections": 2})
     first, second = Raw(r.port), Raw(r.port)
