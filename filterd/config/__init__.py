@@ -65,6 +65,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("daemon.max_concurrent_scans", "int", 32,
             "Messages scanned at once across both front ends; more wait (the MTA's timeouts "
             "apply).", minimum=1),
+    Setting("daemon.pending_data_limit", "int", 256 * 1024 * 1024,
+            "Bytes of message data the SMTP, LMTP and milter front ends hold at once, from the "
+            "first byte to the reply (memory or spool file); past it new data is tempfailed "
+            "(452 4.3.1), a message alone always fits up to its front end's size limit.",
+            minimum=1024 * 1024),
     Setting("log.format", "choice", "kv", "One line per message as key=value or JSON.",
             choices=("kv", "json")),
     Setting("log.level", "choice", "info", "Least severe level logged (debug shows every check).",
@@ -122,6 +127,13 @@ SETTINGS: tuple[Setting, ...] = (
             "libmilter socket spec: inet:PORT@HOST, inet6:PORT@HOST or unix:/path."),
     Setting("milter.timeout", "int", 600,
             "Seconds libmilter waits on an idle MTA connection.", minimum=1),
+    Setting("milter.max_message_size", "int", 64 * 1024 * 1024,
+            "Largest message (header lines and body as the MTA sends them) the milter buffers; "
+            "larger ones are refused with 552 5.3.4 (keep >= Postfix message_size_limit).",
+            minimum=1024),
+    Setting("milter.max_headers", "int", 10000,
+            "Most header fields one message may have in milter mode; more are refused with "
+            "552 5.6.0 (Postfix bounds each field to header_size_limit).", minimum=100),
     Setting("milter.quarantine_reply", "choice", "discard",
             "After quarantining in milter mode: 'discard' (client gets 250) or 'reject' (550).",
             choices=("discard", "reject")),
@@ -135,8 +147,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Postfix listener without content_filter or milters that takes filtered mail back."),
     Setting("smtp.reinject_timeout", "float", 120.0, "Seconds for one reinjection.", minimum=1),
     Setting("smtp.max_message_size", "int", 64 * 1024 * 1024,
-            "Largest message the SMTP filter accepts (keep >= Postfix message_size_limit).",
-            minimum=1024),
+            "Largest message the SMTP filter accepts, advertised as ESMTP SIZE; larger ones get "
+            "552 5.3.4 (keep >= Postfix message_size_limit).", minimum=1024),
+    Setting("smtp.max_line_length", "int", 256 * 1024,
+            "Bytes the SMTP filter buffers looking for one line's end: a longer command line gets "
+            "500, a longer DATA line is taken in pieces (Postfix folds at "
+            "smtp_line_length_limit, 998).", minimum=1024),
+    Setting("smtp.max_connections", "int", 100,
+            "Connections the SMTP and LMTP listeners serve at once; more get 421 4.3.2 and "
+            "Postfix retries (keep >= the filter transport's maxproc).", minimum=1),
     Setting("smtp.reject_action", "choice", "quarantine",
             "What a 'reject' verdict does after queue: 'quarantine' (no bounce to a likely "
             "forged sender), 'discard' or 'reject' (550: Postfix bounces).",

@@ -5,7 +5,15 @@ thread; each callback here is cheap except end-of-message, which hands the buffe
 the Scanner on the daemon's event loop and waits for the result with a deadline (_Handoff).
 Negotiation asks the MTA to skip the steps filterd does nothing at (DATA, unknown commands,
 end of headers) and not to wait for a reply to connect/HELO/MAIL/RCPT/header/body steps.
-Reads: milter.listen, milter.timeout, milter.quarantine_reply, scan.deadline.
+Reads: milter.listen, milter.timeout, milter.quarantine_reply, milter.max_message_size,
+milter.max_headers, daemon.pending_data_limit, scan.deadline.
+
+Memory bounds (filterd.frontends.limits): header lines and body chunks go into a spool (memory,
+then an unlinked temporary file) charged to the pending data budget shared with the SMTP front
+end. Callbacks before end of message do not reply (NR_* negotiated), so a limit is answered
+at end of message: over milter.max_message_size 552 5.3.4, over milter.max_headers 552 5.6.0
+(both REJECT), over the budget 452 4.3.1 (TEMPFAIL: the client retries). Past a limit nothing
+more is buffered.
 
 Outcomes: headers and subject are edited at end of message; REJECT answers
 550 5.7.1 <reason>; TEMPFAIL answers 451 4.7.1; quarantine stores durably, then DISCARDs.
@@ -21,6 +29,7 @@ rejects, the message is rejected. Policy banks may select on the macros {daemon_
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -31,6 +40,8 @@ from typing import Any
 import Milter
 
 from filterd.actions.headers import HeaderEdits, fold
+from filterd.frontends import limits
+from filterd.frontends.limits import MessageSpool, SpoolState
 from filterd.message import Envelope
 from filterd.policy import Action
 
@@ -46,6 +57,17 @@ ENVELOPE_MACROS = ("{daemon_name}", "{daemon_port}", "{auth_type}", "{auth_authe
 _scanner: Any = None
 _loop: asyncio.AbstractEventLoop | None = None
 _GRACE = 5.0  # seconds beyond the scan deadline before eom gives up and tempfails
+
+
+def _settings() -> Any:
+    """The running scanner's settings (the defaults before run(), as in unit tests)."""
+    return _scanner.settings if _scanner is not None else _default_settings()
+
+
+@functools.cache
+def _default_settings() -> Any:
+    from filterd import config
+    return config.defaults()
 
 
 def _escape_reply(text: str) -> str:
@@ -77,9 +99,21 @@ class FilterMilter(Milter.Base):
         self.mail_from = ""
         self.rcpts: list[str] = []
         self.rcpts_as_sent: dict[str, str] = {}  # address -> as the MTA gave it (delrcpt)
-        self.headers: list[bytes] = []
-        self.chunks: list[bytes] = []
+        spool = getattr(self, "message", None)
+        if spool is not None:
+            spool.close()
+        # the message as it arrives: header lines, then (from the first body chunk) the
+        # separator and the body; created at the first header
+        self.message: MessageSpool | None = None
+        self.header_count = 0
+        self.in_body = False
         self.auth: str | None = None
+
+    def _spool(self) -> MessageSpool:
+        if self.message is None:
+            self.message = MessageSpool(limits.for_scanner(_scanner).budget,
+                                        _settings().milter.max_message_size)
+        return self.message
 
     @Milter.noreply
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
@@ -112,7 +146,12 @@ class FilterMilter(Milter.Base):
             name = name.encode("ascii", "surrogateescape")
         if b"\n" in value:  # folded: continuation lines end in CRLF like the rest
             value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        self.headers.append(name + b": " + value + b"\r\n")
+        self.header_count += 1
+        spool = self._spool()
+        if self.header_count > _settings().milter.max_headers:
+            spool.fail(SpoolState.TOO_MANY_FIELDS)
+        else:
+            spool.write(name + b": " + value + b"\r\n")
         # No reply per header (P_NR_HDR, negotiated through `header` below): the MTA streams
         # the headers instead of waiting for an answer to each one.
         return Milter.NOREPLY if self._protocol & Milter.P_NR_HDR else Milter.CONTINUE
@@ -130,7 +169,21 @@ class FilterMilter(Milter.Base):
 
     @Milter.noreply
     def body(self, chunk: bytes) -> int:
-        self.chunks.append(chunk)
+        spool = self._spool()
+        if not self.in_body:
+            self.in_body = True
+            spool.write(b"\r\n")
+        spool.write(chunk)
+        return Milter.CONTINUE
+
+    def abort(self) -> int:
+        # the MTA gave up on this message (RSET, client gone): its data goes now, not at the
+        # next MAIL FROM of a connection that may idle for milter.timeout
+        self._reset()
+        return Milter.CONTINUE
+
+    def close(self) -> int:
+        self._reset()
         return Milter.CONTINUE
 
     def _envelope(self) -> Envelope:
@@ -161,11 +214,23 @@ class FilterMilter(Milter.Base):
             self._reset()
 
     def _eom(self) -> int:
-        # one copy of the message: header lines, the separator and the body chunks joined
-        # at once (joining each list first and adding them copied the body three times)
-        self.headers.append(b"\r\n")
-        self.headers.extend(self.chunks)
-        raw = b"".join(self.headers)
+        spool = self._spool()
+        if not self.in_body:
+            spool.write(b"\r\n")
+        if spool.state is not SpoolState.OK:
+            log.warning("refused a message of %d bytes, %d header fields from %s: %s",
+                        spool.size, self.header_count, self.client_ip, spool.state.value)
+            if spool.state is SpoolState.NO_MEMORY:
+                self.setreply("452", "4.3.1", "Insufficient system storage, try again later")
+                return Milter.TEMPFAIL
+            if spool.state is SpoolState.TOO_MANY_FIELDS:
+                self.setreply("552", "5.6.0", "Too many header fields")
+            else:
+                self.setreply("552", "5.3.4", "Message size exceeds fixed limit")
+            return Milter.REJECT
+        # one copy of the message, read from the spool in one piece; the spool's charge to
+        # the pending data budget stays until _reset, after the reply
+        raw = spool.getvalue()
         envelope = self._envelope()
         scanner, loop = _scanner, _loop
         if scanner is None or loop is None:
@@ -279,6 +344,7 @@ def run(scanner: Any, loop: asyncio.AbstractEventLoop) -> threading.Thread:
     """Start libmilter in a thread of its own; the caller's thread keeps the event loop."""
     global _scanner, _loop
     _scanner, _loop = scanner, loop
+    limits.start(loop)
     settings = scanner.settings
     Milter.factory = FilterMilter
     Milter.set_flags(FLAGS)

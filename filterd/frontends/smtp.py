@@ -2,7 +2,16 @@
 
 Trusts: XFORWARD only from smtp.xforward_peers (others get 550 5.7.0 for the command).
 Reads: smtp.listen, smtp.xforward_peers, smtp.reinject, smtp.reinject_timeout,
-smtp.max_message_size, smtp.reject_action (via the Scanner).
+smtp.max_message_size, smtp.max_line_length, smtp.max_connections, daemon.pending_data_limit,
+smtp.reject_action (via the Scanner).
+
+Memory bounds (filterd.frontends.limits; docs/architecture.md "Memory bounds"): more than
+smtp.max_connections connections get 421 4.3.2 at the greeting; a line is buffered up to
+smtp.max_line_length (a longer command line gets 500, a longer DATA line is taken in pieces);
+DATA is spooled (memory, then an unlinked temporary file) and charged to the pending data
+budget. A message over smtp.max_message_size (announced as ESMTP SIZE) gets 552 5.3.4, at
+MAIL FROM when its SIZE= says so, else after DATA; a message the budget cannot take now gets
+452 4.3.1, so Postfix retries it later.
 
 Replies: 250 only after the message was reinjected and every recipient accepted, or was
 durably quarantined, or discarded by policy; 451 when scanning, quarantining or reinjection
@@ -24,18 +33,26 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session, syntax
 
 from filterd.actions.headers import apply_to_bytes
+from filterd.frontends import limits
+from filterd.frontends.limits import MessageSpool, SpoolState
 from filterd.frontends.reinject import ReinjectError, Target, send_async
 from filterd.message import Envelope
 from filterd.policy import Action
 
 log = logging.getLogger("filterd.smtp")
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+TOO_BIG = "552 5.3.4 Error: message size exceeds fixed limit"
+NO_MEMORY = "452 4.3.1 Error: insufficient system storage, try again later"
+TOO_MANY = "421 4.3.2 Error: too many connections, try again later"
+READ_BACK_FAILED = "451 4.3.0 Error: internal error, try again later"
+_SIZE_PARAM = re.compile(r"(?i)(?:^|\s)SIZE=(\d{1,20})(?:\s|$)")
 
 
 def _xf_value(value: str) -> str | None:
@@ -47,16 +64,127 @@ def _xf_value(value: str) -> str | None:
 
 
 class FilterSMTP(SMTP):
-    """aiosmtpd's server with Postfix's XFORWARD extension."""
+    """aiosmtpd's server with Postfix's XFORWARD extension and filterd's memory bounds."""
 
-    # aiosmtpd answers a line over 1,000 bytes with a permanent 500, which would make Postfix
-    # bounce the message. Postfix folds long lines itself (smtp_line_length_limit), but a
-    # parser limit must never become a 5xx: accept long lines, bounded by the message size.
-    line_length_limit = 64 * 1024 * 1024
-
-    def __init__(self, handler: "FilterHandler", **kwargs: Any):
+    def __init__(self, handler: "FilterHandler", *, line_length: int, **kwargs: Any):
+        # aiosmtpd sizes its StreamReader from this: the most one connection buffers while
+        # looking for a line's end (asyncio pauses reading at twice the limit)
+        self.line_length_limit = line_length
         super().__init__(handler, **kwargs)
         self.filter_handler = handler
+        self.limits = handler.limits
+        self._has_slot = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None:  # a new connection, not a STARTTLS upgrade
+            self._has_slot = self.limits.smtp_connections.take()
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        if self._has_slot:
+            self._has_slot = False
+            self.limits.smtp_connections.give()
+        # The protocol, its reader and its task form reference cycles that only the cyclic
+        # GC frees, which an idle daemon seldom runs: drop what the reader still buffers now.
+        buffer = getattr(getattr(self, "_reader", None), "_buffer", None)
+        if isinstance(buffer, bytearray) and buffer:
+            held = len(buffer)
+            buffer.clear()
+            if held >= limits.TRIM_AFTER:
+                limits.trim_soon()
+
+    async def _handle_client(self) -> None:
+        if not self._has_slot:
+            log.warning("refusing a connection from %s: smtp.max_connections (%d) reached",
+                        self.session.peer if self.session else "?",
+                        self.limits.smtp_connections.limit)
+            await self.push(TOO_MANY)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _data_reply(self, reply: str) -> str:
+        if self.filter_handler.lmtp:  # LMTP answers DATA once per recipient
+            return "\r\n".join(reply for _ in self.envelope.rcpt_tos)
+        return reply
+
+    @syntax("MAIL FROM:<address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str) -> None:
+        # Refuse by the declared SIZE before the data is sent (RFC 1870); aiosmtpd's own check
+        # answers without an enhanced status code
+        match = _SIZE_PARAM.search(arg or "")
+        if match and self.session.host_name and self.envelope.mail_from is None:
+            size = int(match.group(1))
+            if self.data_size_limit and size > self.data_size_limit:
+                await self.push(TOO_BIG)
+                return
+            if not self.limits.budget.fits(size):
+                log.warning("tempfailing a message of %d bytes: daemon.pending_data_limit "
+                            "(%d) reached", size, self.limits.budget.limit)
+                await self.push(NO_MEMORY)
+                return
+        await super().smtp_MAIL(arg)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd's DATA keeps every line as an object of its own and refuses a line over
+        # line_length_limit with a permanent 500; this one spools the data (so a long line
+        # costs no more than a short one) and refuses only what the limits refuse.
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        spool = MessageSpool(self.limits.budget, self.data_size_limit or 1 << 62)
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            await self._receive(spool)
+            content = None
+            if spool.state is SpoolState.OK:
+                try:
+                    content = spool.getvalue()
+                except OSError as exc:  # aiosmtpd would answer an exception with a 500
+                    log.error("cannot read back a spooled message: %s", exc)
+                    status = self._data_reply(READ_BACK_FAILED)
+            if content is not None:
+                self.envelope.content = self.envelope.original_content = content
+                del content
+                status = await self._call_handler_hook("DATA")
+            elif spool.state is not SpoolState.OK:
+                log.warning("refused a message of %d bytes from %s: %s", spool.size,
+                            self.session.peer, spool.state.value)
+                status = self._data_reply(TOO_BIG if spool.state is SpoolState.TOO_BIG
+                                          else NO_MEMORY)
+            self._set_post_data_state()
+        finally:
+            spool.close()
+        await self.push(status)
+
+    async def _receive(self, spool: MessageSpool) -> None:
+        """Read DATA to its end (RFC 5321 4.1.1.4), undoing dot-stuffing (4.5.2)."""
+        reader = self._reader
+        line_start = True
+        while True:
+            try:
+                piece = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:  # a long line: take the part read
+                piece = await reader.read(exc.consumed)
+            except asyncio.IncompleteReadError:
+                raise ConnectionResetError("connection closed during DATA") from None
+            if not piece:
+                raise ConnectionResetError("connection closed during DATA")
+            if line_start:
+                if piece == b".\r\n":
+                    return
+                if piece[:1] == b".":
+                    piece = piece[1:]
+            line_start = piece[-2:] == b"\r\n"
+            spool.write(piece)
 
     @syntax("XFORWARD attribute=value ...")
     async def smtp_XFORWARD(self, arg: str) -> None:
@@ -93,6 +221,7 @@ class FilterHandler:
         self.target = Target.parse(settings.smtp.reinject)
         self.timeout = settings.smtp.reinject_timeout
         self.hostname = settings.hostname
+        self.limits = limits.for_scanner(scanner)
 
     def xforward_allowed(self, peer: Any) -> bool:
         try:
@@ -219,9 +348,11 @@ async def start_server(scanner: Any, listen: str | None = None, *,
     loop = asyncio.get_running_loop()
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
     server_class = FilterLMTP if lmtp else FilterSMTP
+    limits.start(loop)
 
     def factory() -> FilterSMTP:
-        return server_class(handler, decode_data=False, enable_SMTPUTF8=True,
+        return server_class(handler, line_length=settings.smtp.max_line_length,
+                            decode_data=False, enable_SMTPUTF8=True,
                             data_size_limit=settings.smtp.max_message_size,
                             hostname=settings.hostname, ident="filterd", timeout=300)
 

@@ -168,7 +168,7 @@ def test_callbacks_answer_noreply_once_negotiated():
     assert m.envrcpt("<b@example.net>") == Milter.NOREPLY
     assert m.header_bytes(b"Subject", b"folded\n\tline") == Milter.NOREPLY
     assert m.body(b"x\r\n") == Milter.NOREPLY
-    assert m.headers == [b"Subject: folded\r\n\tline\r\n"]
+    assert m.message.getvalue() == b"Subject: folded\r\n\tline\r\n\r\nx\r\n"
 
 
 def test_envelope_macros_are_read_once_each(tmp_path):
@@ -239,7 +239,7 @@ def test_message_is_assembled_once_exactly_as_sent(tmp_path, core_rules, loop_th
     for chunk in (b"first chunk\r\n", GTUBE, b"\r\nlast\r\n"):
         m.body(chunk)
     assert m.eom() == Milter.DISCARD
-    assert m.headers == [] and m.chunks == []  # reset for the next message on the connection
+    assert m.message is None  # reset for the next message on the connection
     (item,) = scanner.settings.quarantine_dir.rglob("*.eml")
     assert item.read_bytes() == (b"Subject: two\r\n\tlines\r\nFrom: a@example.org\r\n\r\n"
                                  b"first chunk\r\n" + GTUBE + b"\r\nlast\r\n")
