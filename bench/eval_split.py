@@ -16,6 +16,10 @@ What it does (shared/notes/evaluation.md is the definition of every figure):
   * --compare OLD.jsonl: which messages changed verdict (listed), changed action only, and per
     symbol how many ham and spam gained or lost it, between OLD and this run (or --new
     NEW.jsonl: between two saved runs, nothing is scanned);
+  * --refit: first fits the rule scores on half A (`filterd rules fit`, both score sets, as
+    they were fitted for shipping on SPLIT.tsv's half A) and scans with them: the shipped
+    scores have seen about half of the time split's half B, refitted ones none of it (the
+    Bayes calibration in code stays the shipped one). A few minutes more;
   * --census: also scans every other corpus message (half A, and what MANIFEST.tsv lists
     outside the split) with the same learner and prints, per symbol, how many ham and how
     many spam/phish carry it, over all of them; --symbols A,B limits the table and lists the
@@ -26,7 +30,7 @@ Trusts nothing in the messages (an unreadable one is an error row and the run go
 Nothing is quarantined, delivered or autolearned; the state directory is removed afterwards
 unless --state-dir names one (which must then be empty or absent).
 
-  .venv/bin/python bench/eval_split.py [--split FILE] [--config FILE] [--out FILE.jsonl]
+  .venv/bin/python bench/eval_split.py [--split FILE] [--config FILE | --refit] [--out FILE.jsonl]
       [--compare OLD.jsonl [--new NEW.jsonl]] [--census [--symbols A,B]] [--jobs N]
       [--limit N] [--state-dir DIR] [--json FILE]
 
@@ -119,6 +123,42 @@ def train(config_file: Path, state_dir: Path, corpora: Path, rows: Sequence[Row]
             raise RuntimeError(f"filterd learn --{label} exited {code}")
     counts["seconds"] = round(time.perf_counter() - started, 1)
     return counts
+
+
+# `filterd rules fit` as the shipped scores were made (rules/FIT-REPORT.md: the rules alone at
+# the default out-of-fold FP target; rules/FIT-REPORT-BAYES.md: the set with Bayes at 0.1 %)
+FIT_RECIPES = (("scores-fitted.toml", ()),
+               ("scores-fitted-bayes.toml", ("--with-bayes", "--fp-target", "0.1")))
+
+
+def refit(config_file: Path, state_dir: Path, site: Path, corpora: Path, split: Path,
+          rows: Sequence[Row], log: TextIO) -> dict[str, Any]:
+    """Fit the shipped rules' scores on half A of `split` into site/local.d/, so that no
+    score was fitted on a message (or a campaign) of half B; each fit's own report of half B
+    goes to `log`. The Bayes calibration is not refitted (it is code: DEFAULT_CALIBRATION)."""
+    from filterd.cli.main import main as filterd_main
+    dirs = sorted({r.path.split("/", 1)[0] for r in rows})
+    if split.resolve().parent != corpora.resolve():
+        # the fit reads the split's paths relative to the split file's directory
+        view = state_dir / "fit-corpora"
+        view.mkdir()
+        shutil.copyfile(split, view / split.name)
+        for d in dirs:
+            (view / d).symlink_to((corpora / d).resolve())
+        corpora, split = view, view / split.name
+    local = site / "local.d"
+    local.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for name, options in FIT_RECIPES:
+        with contextlib.redirect_stdout(log):
+            code = filterd_main(["--config", str(config_file), "--state-dir", str(state_dir),
+                                 "rules", "fit", *(str(corpora / d) for d in dirs),
+                                 "--split", str(split), "--half", "A", "--test-half", "B",
+                                 "--output", str(local / name),
+                                 "--report", str(state_dir / f"{name}.report.md"), *options])
+        if code != 0:
+            raise RuntimeError(f"filterd rules fit for {name} exited {code}")
+    return {"site": str(site), "seconds": round(time.perf_counter() - started, 1)}
 
 
 # --- scanning -------------------------------------------------------------------------------
@@ -334,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also scan every other corpus message and print the symbol census")
     p.add_argument("--census-out", metavar="FILE", help="write the census table to FILE too")
     p.add_argument("--symbols", help="comma list: limit the census to these symbols")
+    p.add_argument("--refit", action="store_true",
+                   help="fit the rule scores on half A first (filterd rules fit, as shipped), "
+                        "so no score has seen half B; shipped rules only (not with --config)")
     p.add_argument("--no-learn", action="store_true",
                    help="do not train (BAYES_UNTRAINED everywhere; for a quick census)")
     p.add_argument("--jobs", type=int, default=1,
@@ -363,6 +406,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     log = sys.stderr
     if args.new and not args.compare:
         print("eval_split: --new needs --compare OLD.jsonl", file=log)
+        return 2
+    if args.refit and args.config:
+        print("eval_split: --refit fits the shipped rules; it takes no --config", file=log)
         return 2
     if args.symbols and not args.census:
         print("eval_split: --symbols needs --census", file=log)
@@ -409,6 +455,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         else:
             report["training"] = train(config_file, state_dir, corpora, rows, log)
             print(f"eval_split: trained on half A: {report['training']}", file=log)
+        if args.refit:
+            # the defaults file lives in state_dir, so state_dir is the site layer
+            report["refit"] = refit(config_file, state_dir, state_dir, corpora, split, rows, log)
+            print(f"eval_split: rule scores refitted on half A: {report['refit']}", file=log)
+            report["config"] = "shipped rules, scores refitted on half A"
+            settings, _ = settings_for(None, state_dir)
         from filterd.service import Scanner
         scanner = Scanner(settings)
         try:

@@ -198,3 +198,30 @@ def test_smoke_on_a_few_corpus_messages(corpora_dir, tmp_path, capsys):
                 if line.startswith("NO_SUCH_SYMBOL")).split()[1:] == ["0", "0", "0"]
     assert tool.main(["--compare", str(out), "--new", str(out)]) == 0
     assert "verdicts changed: 0" in capsys.readouterr().out
+
+
+def test_refit_takes_no_config(capsys):
+    assert tool.main(["--refit", "--config", "x.toml"]) == 2
+    assert "--refit fits the shipped rules" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_refit_smoke_fits_both_score_sets_into_the_site_layer(corpora_dir, tmp_path, capsys):
+    """--refit on a split file outside the corpora (the fit reads a symlinked view): both
+    score files land in the state directory's local.d/ and the scan says it used them."""
+    rows = (corpora_dir / "SPLIT-TIME.tsv").read_text().splitlines()
+    picked = [rows[0]] + [line for line in rows[1:]
+                          if line.startswith("spamassassin/")][:400:20]
+    split = tmp_path / "SPLIT-SMOKE.tsv"
+    split.write_text("\n".join(picked) + "\n")
+    state, report = tmp_path / "state", tmp_path / "report.json"
+    assert tool.main(["--split", str(split), "--corpora", str(corpora_dir), "--refit",
+                      "--state-dir", str(state), "--json", str(report)]) == 0
+    assert "scores refitted on half A" in capsys.readouterr().out
+    fitted = state / "local.d" / "scores-fitted.toml"
+    assert "[scores]" in fitted.read_text()
+    assert "[bayes_scores]" in (state / "local.d" / "scores-fitted-bayes.toml").read_text()
+    data = json.loads(report.read_text())
+    assert data["config"] == "shipped rules, scores refitted on half A"
+    assert data["figures"]["messages"] == sum(line.endswith("\tB") for line in picked[1:])
