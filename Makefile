@@ -1,13 +1,15 @@
 # filterd: the two set-up commands of the README, and a few more for developers.
 #   make run    install what filterd needs and start it in the foreground on built-in defaults
 #   make test   install everything the tests need (Postfix, clamd, DNS, Redis...) and run them all
+#   make eval   train on half A of the time split, measure half B (bench/eval_split.py; EVAL_ARGS=...)
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STATE ?= ./var
 PYTEST_ARGS ?=
+EVAL_ARGS ?=
 
-.PHONY: run test test-unit test-slow bench lint clean
+.PHONY: run test test-unit test-slow bench eval lint clean
 
 run:
 	@scripts/bootstrap.sh run
@@ -27,6 +29,9 @@ test-slow:
 bench:
 	@scripts/bootstrap.sh bench
 	@bench/run.sh
+
+eval:
+	$(PY) bench/eval_split.py $(EVAL_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check filterd tests bench || true

@@ -6,9 +6,9 @@
 Labels come from the path with --label auto (…/ham/…; …/spam/… and …/phish/… are spam;
 …/virus/… is left out of the figures). Prints a progress bar on stderr (when it is a
 terminal), then the confusion matrix at the configured levels per corpus and overall, FP/FN
-rates, ROC AUC, the FN rate at the lowest threshold keeping FP <= replay.fp_target of ham,
-per-symbol hits on ham and spam, the slowest messages and the threshold table. Network checks
-(DNS lists, SPF/DKIM/DMARC) are off unless --network. --compare replays a second time with
+rates, ROC AUC and the FN rate at the lowest threshold keeping FP <= replay.fp_target of ham
+(overall and per corpus), per-symbol hits on ham and spam, the slowest messages and the
+threshold table. Network checks (DNS lists, SPF/DKIM/DMARC) are off unless --network. --compare replays a second time with
 another settings file (and so its rules site directory) and lists every message whose action
 changed. Nothing is quarantined, delivered or learned.
 
@@ -83,6 +83,15 @@ def _pct(value: float | None) -> str:
 def print_text(data: dict[str, Any], out: Any = None) -> None:
     out = out or sys.stdout
     w = out.write
+    print_confusion(data, out)
+    w("\n")
+    print_scores(data, out)
+    print_details(data, out)
+
+
+def print_confusion(data: dict[str, Any], out: Any) -> None:
+    """Counts, levels, actions and the confusion matrix per corpus and overall."""
+    w = out.write
     levels = data["levels"]
     rate = data.get("messages_per_second")
     w(f"{data['messages']} messages ({data['errors']} unreadable), "
@@ -97,13 +106,31 @@ def print_text(data: dict[str, Any], out: Any = None) -> None:
         w(f"{name[:23]:<24}{c['ham']:>7}{c['fp']:>6}{c['tn']:>7}{c['ham_tempfail']:>5}"
           f"{c['spam']:>7}{c['tp']:>7}{c['fn']:>6}{c['spam_tempfail']:>5}"
           f"{_pct(c['fp_rate']):>9}{_pct(c['fn_rate']):>9}\n")
+
+
+def print_scores(data: dict[str, Any], out: Any) -> None:
+    """ROC AUC and the FN rate at FP <= replay.fp_target, overall and per corpus."""
+    w = out.write
     auc = data["auc"]
-    w(f"\nROC AUC: {'-' if auc is None else f'{auc:.6f}'}\n")
+    w(f"ROC AUC: {'-' if auc is None else f'{auc:.6f}'}\n")
     at = data["fn_at_fp"]
     if at:
         thr = "-" if at["threshold"] is None else f"{at['threshold']:g}"
         w(f"FN rate at FP <= {at['fp_target'] * 100:g}% of ham: {_pct(at['fn_rate']).strip()} "
           f"(threshold {thr}: FP {at['fp']}, FN {at['fn']})\n")
+    rows = [(name, c["auc"], c["fn_at_fp"]) for name, c in data["corpora"].items()
+            if c.get("auc") is not None and c.get("fn_at_fp")]
+    if rows:  # a corpus with ham and spam both
+        w(f"{'  per corpus':<24}{'AUC':>10}{'FN@FP':>9}{'thresh.':>9}{'FP':>5}{'FN':>6}\n")
+        for name, c_auc, c_at in rows:
+            thr = "-" if c_at["threshold"] is None else f"{c_at['threshold']:g}"
+            w(f"  {name[:21]:<22}{c_auc:>10.6f}{_pct(c_at['fn_rate']):>9}{thr:>9}"
+              f"{c_at['fp']:>5}{c_at['fn']:>6}\n")
+
+
+def print_details(data: dict[str, Any], out: Any) -> None:
+    """The threshold table, symbol hits, slowest messages and changed actions."""
+    w = out.write
     w("\nthreshold table (as tag2_level: FP/FN; as kill_level: mail held)\n")
     w(f"{'level':>8}{'FP':>7}{'FN':>7}{'FP rate':>9}{'FN rate':>9}{'ham held':>10}"
       f"{'spam held':>11}\n")

@@ -10,9 +10,12 @@ turned into the project's quality figures (shared/notes/evaluation.md):
   * FP rate = ham with a spam verdict / ham; FN rate = spam without a spam verdict and not
     tempfailed / spam; both per corpus (the path component above the label) and overall;
   * ROC AUC from the score (Mann-Whitney, ties count half), and the FN rate at the most
-    sensitive score threshold that keeps FP <= replay.fp_target of ham;
+    sensitive score threshold that keeps FP <= replay.fp_target of ham, overall and per corpus;
   * per-symbol hit counts on ham and spam, the slowest messages, and a threshold table of what
-    each tag2_level / kill_level choice would have done.
+    each tag2_level / kill_level choice would have done;
+  * two replays of the same messages compared: changed actions and verdicts, and per symbol
+    the ham and spam that gained or lost it; results kept between runs as one JSON record per
+    message (to_record / from_record; bench/eval_split.py writes and compares such files).
 
 Trusts: nothing in the messages; a message the pipeline cannot read is counted as an error and
 the run goes on. Nothing is quarantined, reinjected, learned or logged per message.
@@ -299,6 +302,8 @@ class Summary:
     seconds: float
     actions: dict[str, int] = field(default_factory=dict)
 
+    corpus_scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "messages": self.messages, "errors": self.errors,
@@ -307,7 +312,8 @@ class Summary:
                                     if self.seconds > 0 else None),
             "levels": self.levels, "actions": self.actions,
             "overall": self.overall.as_dict(),
-            "corpora": {name: c.as_dict() for name, c in sorted(self.corpora.items())},
+            "corpora": {name: {**c.as_dict(), **self.corpus_scores.get(name, {})}
+                        for name, c in sorted(self.corpora.items())},
             "auc": self.auc, "fn_at_fp": self.at_fp,
             "symbols": dict(sorted(self.symbols.items(),
                                    key=lambda kv: (-(kv[1]["ham"] + kv[1]["spam"]), kv[0]))),
@@ -315,6 +321,16 @@ class Summary:
                          "score": r.score} for r in self.slowest],
             "thresholds": self.thresholds,
         }
+
+
+def score_figures(results: Sequence[MessageResult], fp_target: float
+                  ) -> tuple[float | None, dict[str, Any] | None]:
+    """(ROC AUC, FN at FP <= fp_target) from the scores of the labelled results; unreadable
+    and tempfailed messages have no meaningful score and are left out."""
+    scored = [r for r in results if r.error is None and not r.tempfail]
+    ham_scores = [r.score for r in scored if r.label == HAM]
+    spam_scores = [r.score for r in scored if r.label == SPAM]
+    return roc_auc(ham_scores, spam_scores), fn_at_fp(ham_scores, spam_scores, fp_target)
 
 
 DEFAULT_GRID = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0)
@@ -334,13 +350,17 @@ def summarize(results: Sequence[MessageResult], levels: Any, *, fp_target: float
         for name in dict.fromkeys(r.symbols):
             counts = symbols.setdefault(name, {"ham": 0, "spam": 0, "other": 0})
             counts[bucket] += 1
-    scored = [r for r in results if r.error is None and not r.tempfail]
-    ham_scores = [r.score for r in scored if r.label == HAM]
-    spam_scores = [r.score for r in scored if r.label == SPAM]
-    at_fp = fn_at_fp(ham_scores, spam_scores, fp_target)
+    auc, at_fp = score_figures(results, fp_target)
+    by_corpus: dict[str, list[MessageResult]] = {}
+    for r in results:
+        by_corpus.setdefault(r.corpus, []).append(r)
+    corpus_scores = {}
+    for name, rs in by_corpus.items():
+        c_auc, c_at = score_figures(rs, fp_target)
+        corpus_scores[name] = {"auc": c_auc, "fn_at_fp": c_at}
     extra = [at_fp["threshold"]] if at_fp and at_fp["threshold"] is not None else []
     return Summary(
-        overall=overall, corpora=corpora, auc=roc_auc(ham_scores, spam_scores), at_fp=at_fp,
+        overall=overall, corpora=corpora, auc=auc, at_fp=at_fp, corpus_scores=corpus_scores,
         symbols=symbols,
         slowest=sorted((r for r in results if r.error is None),
                        key=lambda r: r.seconds, reverse=True)[:slowest],
@@ -351,9 +371,18 @@ def summarize(results: Sequence[MessageResult], levels: Any, *, fp_target: float
         seconds=sum(r.seconds for r in results), actions=dict(sorted(actions.items())))
 
 
+def verdict_of(result: MessageResult) -> str:
+    """What the figures count the action as: "spam" (a spam verdict), "tempfail" or "pass"."""
+    if result.tempfail:
+        return "tempfail"
+    return "spam" if result.spam_verdict else "pass"
+
+
 def compare(results_a: Sequence[MessageResult], results_b: Sequence[MessageResult]
             ) -> list[dict[str, Any]]:
-    """Every message whose action differs between two replays of the same messages."""
+    """Every message whose action differs between two replays of the same messages (with
+    the verdict each action counts as: spam -> quarantine changes the action, not the
+    verdict)."""
     by_name = {r.name: r for r in results_b}
     changed = []
     for a in results_a:
@@ -361,12 +390,56 @@ def compare(results_a: Sequence[MessageResult], results_b: Sequence[MessageResul
         if b is None or a.action == b.action:
             continue
         changed.append({"name": a.name, "label": a.label, "action_a": a.action,
-                        "action_b": b.action, "score_a": a.score, "score_b": b.score,
+                        "action_b": b.action, "verdict_a": verdict_of(a),
+                        "verdict_b": verdict_of(b), "score_a": a.score, "score_b": b.score,
                         "symbols_added": sorted(set(b.symbols) - set(a.symbols)),
                         "symbols_removed": sorted(set(a.symbols) - set(b.symbols))})
     return changed
 
 
+def symbol_changes(results_a: Sequence[MessageResult], results_b: Sequence[MessageResult]
+                   ) -> dict[str, dict[str, int]]:
+    """Per symbol, how many messages gained or lost it from replay A to replay B, by label:
+    {name: {"ham_gained": n, "ham_lost": n, "spam_gained": ..., "other_lost": ...}}. Only
+    messages in both replays count; symbols no message gained or lost are left out."""
+    by_name = {r.name: r for r in results_b}
+    changes: dict[str, dict[str, int]] = {}
+    for a in results_a:
+        b = by_name.get(a.name)
+        if b is None:
+            continue
+        bucket = a.label if a.label in (HAM, SPAM) else "other"
+        before, after = set(a.symbols), set(b.symbols)
+        for way, names in (("gained", after - before), ("lost", before - after)):
+            for name in names:
+                counts = changes.setdefault(name, {f"{k}_{w}": 0 for k in (HAM, SPAM, "other")
+                                                   for w in ("gained", "lost")})
+                counts[f"{bucket}_{way}"] += 1
+    return dict(sorted(changes.items()))
+
+
+def to_record(result: MessageResult) -> dict[str, Any]:
+    """One result as a JSON-able dict (a line of a per-message results file); timings are
+    left out so two runs of the same code give the same lines."""
+    record: dict[str, Any] = {"path": result.name, "corpus": result.corpus,
+                              "label": result.label, "action": result.action,
+                              "score": result.score, "symbols": list(result.symbols)}
+    if result.forced is not None:
+        record["forced"] = result.forced
+    if result.error is not None:
+        record["error"] = result.error
+    return record
+
+
+def from_record(record: dict[str, Any]) -> MessageResult:
+    """The inverse of to_record (reason and timing are not kept)."""
+    return MessageResult(str(record["path"]), str(record["corpus"]), record.get("label"),
+                         str(record["action"]), float(record["score"]),
+                         tuple(record.get("symbols", ())), "", 0.0,
+                         forced=record.get("forced"), error=record.get("error"))
+
+
 __all__ = ["MessageResult", "Confusion", "Summary", "label_of", "forced_action",
            "replay_messages", "replay", "roc_auc", "roc_points", "fn_at_fp", "threshold_table",
-           "summarize", "compare"]
+           "score_figures", "summarize", "verdict_of", "compare", "symbol_changes", "to_record",
+           "from_record"]

@@ -245,5 +245,6 @@ def test_compare_function():
     b = [MessageResult("m1", "c", "ham", "spam", 6.0, ("A", "B"), "", 0.0),
          MessageResult("m2", "c", "ham", "accept", 0.0, (), "", 0.0)]
     assert compare(a, b) == [{"name": "m1", "label": "ham", "action_a": "tag",
-                              "action_b": "spam", "score_a": 3.0, "score_b": 6.0,
+                              "action_b": "spam", "verdict_a": "pass", "verdict_b": "spam",
+                              "score_a": 3.0, "score_b": 6.0,
                               "symbols_added": ["B"], "symbols_removed": []}]
