@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from filterd.textsafe import visible
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rules", help="lint, list, show, fit and import rules",
@@ -148,7 +150,7 @@ def run_list(args: argparse.Namespace) -> int:
         else:
             shown = "-" if score is None else f"{score:g}"
             print(f"{name:<32} {rule.kind:<10} {shown:>6}  {rule.location}\n"
-                  f"{'':<32} {what[:100]}")
+                  f"{'':<32} {visible(what[:100])}")
     return 0
 
 
