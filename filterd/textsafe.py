@@ -83,7 +83,8 @@ def visible_bytes(data: bytes) -> bytes:
 
 def _json_escape(match: re.Match[str]) -> str:
     ch = match.group()
-    if not unsafe(ch):
+    # raw LF/TAB in json.dumps output are indentation (inside strings JSON escapes them itself)
+    if ch in _LAYOUT or not unsafe(ch):
         return ch
     code = ord(ch)
     if code < 0x10000:

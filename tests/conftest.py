@@ -28,3 +28,13 @@ def corpora_dir() -> Path:
             "<repo>/../shared/corpora (set FILTERD_CORPORA to use another place)"
         pytest.skip(f"mail corpora not found at {path}: from {how}")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _keep_umask():
+    """filterd.cli.main sets the process umask (filterd.modes); a test calling it in-process
+    must not leave its umask to the tests after it (nor to the services they start)."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+    yield
+    os.umask(saved)

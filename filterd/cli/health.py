@@ -3,8 +3,9 @@
   filterd health [--only NAME,...] [--skip NAME,...] [--json]
 
 Components (filterd.health.HEALTH_CHECKS): rules, state_dir, quarantine, reinject, daemon,
-clamd, resolver, stores, and whatever the installed families register. A component that is not
-configured or not installed prints `skip` and does not fail the run. For a monitoring system:
+clamd, resolver, stores, file_modes, and whatever the installed families register. A component
+that is not configured or not installed prints `skip` and does not fail the run; `WARN` (e.g.
+state readable by other users) does not fail it either, world-writable state does. For a monitoring system:
 `filterd health --skip daemon` on a host where the daemon runs elsewhere.
 """
 

@@ -86,6 +86,9 @@ def test_json_dumps_is_the_same_value_without_raw_controls():
     assert raw_controls(text) == []
     assert "Grüße" in text          # non-ASCII text stays readable
     assert json.loads(text) == value
+    indented = json_dumps([value, "a\nb"], indent=1)
+    assert json.loads(indented) == [value, "a\nb"] and "\n " in indented
+    assert raw_controls(indented.replace("\n", "")) == []
 
 
 def test_fast_path_leaves_long_ascii_text_alone():
