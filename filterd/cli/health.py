@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from filterd.cli.main import load_settings
     from filterd.health import HEALTH_CHECKS, run_checks
+    from filterd.textsafe import visible
 
     settings = load_settings(args)
     unknown = ((args.only or set()) | (args.skip or set())) - set(HEALTH_CHECKS)
@@ -51,5 +52,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         width = max((len(r.name) for r in results), default=8)
         for r in results:
-            print(f"{r.name:<{width}}  {r.status:<4}  {r.detail}")
+            # details quote what services answered (an SMTP greeting, an error text)
+            print(f"{r.name:<{width}}  {r.status:<4}  {visible(r.detail)}")
     return 1 if any(r.ok is False for r in results) else 0
