@@ -317,7 +317,10 @@ def open_socket(settings: Any) -> None:
     path = unix_socket_path(spec)
     group = None
     if path is not None and settings.milter.socket_group:
-        group = group_id(settings.milter.socket_group)
+        try:
+            group = group_id(settings.milter.socket_group)
+        except OSError as exc:
+            raise OSError(f"milter.socket_group: {exc}") from None
     try:
         milter.setconn(spec)
         milter.register("filterd")   # smfi_opensocket needs a registered filter; runmilter

@@ -23,9 +23,7 @@ import pty
 import pwd
 import select
 import smtplib
-import socket
 import stat
-import struct
 import subprocess
 import tty
 from pathlib import Path
@@ -182,13 +180,6 @@ def test_health_warns_on_world_readable_and_fails_on_world_writable_state(daemon
         assert res.returncode == 1 and b"FAIL" in res.stdout and b"world-writable" in res.stdout
     finally:
         os.chmod(index, before)
-
-
-def optneg(sock: socket.socket) -> bytes:
-    body = b"O" + struct.pack("!III", 6, 0x1FF, 0x1FFFFF)
-    sock.sendall(struct.pack("!I", len(body)) + body)
-    size = struct.unpack("!I", sock.recv(4))[0]
-    return sock.recv(size)[:1]
 
 
 def test_milter_socket_is_0660_in_its_group_and_its_group_can_connect(daemon, socket_group):

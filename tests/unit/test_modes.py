@@ -137,3 +137,36 @@ def test_health_checks_the_unix_milter_socket_mode_and_group(tmp_path):
                                     "milter.socket_group": "65534"})
         assert result.status == "WARN"
         assert "not 0660" in result.detail and "not milter.socket_group 65534" in result.detail
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
+def test_a_group_our_user_is_not_in_is_refused_with_the_reason():
+    import shutil
+    import tempfile
+    where = Path(tempfile.mkdtemp(prefix="filterd-modes-"))   # pytest's tmp is root's only
+    try:
+        os.chmod(where, 0o777)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the child becomes nobody, as a daemon.user not in the group would be
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                sock = socket.socket(socket.AF_UNIX)
+                sock.bind(str(where / "s.sock"))
+                try:
+                    modes.set_socket_mode(where / "s.sock", modes.MTA_SOCKET_MODE, 0)
+                    os.write(write, b"no error")
+                except OSError as exc:
+                    os.write(write, str(exc).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        said = os.read(read, 4096).decode()
+        os.close(read)
+        assert "must be a member of it" in said, said
+        assert os.lstat(where / "s.sock").st_gid == 65534
+    finally:
+        shutil.rmtree(where)
