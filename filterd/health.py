@@ -2,9 +2,10 @@
 
 HEALTH_CHECKS maps a component name to a HealthCheck: `fn(settings) -> (ok, detail)`, where ok
 is True (healthy), False (failing), WARN (works, but the admin should act: shown as WARN, not a
-failure) or None (not configured / not part of this installation: shown, never a failure). Families register their own probes with `register()` when their
-module is imported (filterd.pipeline.CHECK_MODULES are imported before probing), replacing the
-generic ones below of the same name. A probe that raises counts as failing with the error as
+failure) or None (not configured / not part of this installation: shown, never a failure).
+Families register their own probes with `register()` when their module is imported
+(filterd.pipeline.CHECK_MODULES are imported before probing), replacing the generic ones below
+of the same name. A probe that raises counts as failing with the error as
 detail; each probe runs under metrics.health_timeout.
 
 Built-in probes:
@@ -314,10 +315,7 @@ def probe_file_modes(settings: Any) -> tuple[bool | object, str]:
                 notes.append(f"{milter_socket} has group {st.st_gid}, not milter.socket_group "
                              f"{settings.milter.socket_group} (Postfix cannot connect)")
     writable = [f for f in problems if f.world_writable]
-    fix = "; fix: chmod -R o-rwx " + " ".join(
-        str(r) for r in dict.fromkeys(p for f in problems for p in roots[:2]
-                                      if f.path == p or p in f.path.parents)
-        if r == roots[0] or roots[0] not in r.parents)
+    fix = _chmod_hint(problems, roots)
     shown = lambda fs: ", ".join(f"{f.path} ({f.mode:04o})" for f in fs[:5]) + (  # noqa: E731
         f" and {len(fs) - 5} more" if len(fs) > 5 else "")
     if writable:
@@ -326,6 +324,14 @@ def probe_file_modes(settings: Any) -> tuple[bool | object, str]:
         parts = [f"{len(problems)} readable by other users: {shown(problems)}"] if problems else []
         return WARN, "; ".join(parts + notes) + (fix if problems else "")
     return True, f"{settings.state_dir}: nothing readable or writable by other users"
+
+
+def _chmod_hint(problems: list[Any], roots: list[Path]) -> str:
+    """'; fix: chmod -R o-rwx ROOT...' for the outermost roots that hold a finding."""
+    tops = [r for r in roots if not any(other in r.parents for other in roots)]
+    where = [t for t in dict.fromkeys(tops)
+             if any(f.path == t or t in f.path.parents for f in problems)]
+    return "; fix: chmod -R o-rwx " + " ".join(map(str, where)) if where else ""
 
 
 register("rules", probe_rules, in_metrics=False)  # loading rules at every scrape is wasteful

@@ -5,8 +5,8 @@
 Components (filterd.health.HEALTH_CHECKS): rules, state_dir, quarantine, reinject, daemon,
 clamd, resolver, stores, file_modes, and whatever the installed families register. A component
 that is not configured or not installed prints `skip` and does not fail the run; `WARN` (e.g.
-state readable by other users) does not fail it either, world-writable state does. For a monitoring system:
-`filterd health --skip daemon` on a host where the daemon runs elsewhere.
+state readable by other users) does not fail it either, world-writable state does. For a
+monitoring system: `filterd health --skip daemon` on a host where the daemon runs elsewhere.
 """
 
 from __future__ import annotations

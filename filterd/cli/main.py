@@ -1,7 +1,8 @@
 """`filterd`: the daemon and the admin tools behind one command.
 
 Each module in COMMANDS adds its subcommands through `register(subparsers)`; each subcommand
-sets `func(args) -> exit code`. Every command runs under umask 0027 (filterd.modes). Exit codes: 0 success, 1 failure (or partial failure), 2 usage.
+sets `func(args) -> exit code`. Exit codes: 0 success, 1 failure (or partial failure), 2 usage.
+Every command runs under umask 0027 whatever the caller's (filterd.modes).
 """
 
 from __future__ import annotations

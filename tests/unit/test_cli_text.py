@@ -43,11 +43,13 @@ def test_scan_explain_shows_matched_message_text_escaped(tmp_path):
     (tmp_path / "filterd.toml").write_text(f'[rules]\ndir = "{rules}"\ncompile_cache = "off"\n')
     name = "hostile\x1b[2J.eml"
     (tmp_path / name).write_bytes(HOSTILE)
-    res = subprocess.run([sys.executable, "-m", "filterd", "--config", str(tmp_path / "filterd.toml"),
-                          "--state-dir", str(tmp_path / "state"), "scan", "--offline", "--explain",
-                          str(tmp_path / name)], capture_output=True, cwd=REPO, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "filterd", "--config",
+                          str(tmp_path / "filterd.toml"), "--state-dir", str(tmp_path / "state"),
+                          "scan", "--offline", "--explain", str(tmp_path / name)],
+                         capture_output=True, cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert b"TEST_SUBJECT_PAY" in out and b"matched: pay\\x1b]0;owned\\x07\\x1b[2J\\x9b\\u202enow" in out
+    assert b"TEST_SUBJECT_PAY" in out
+    assert b"matched: pay\\x1b]0;owned\\x07\\x1b[2J\\x9b\\u202enow" in out
     assert b"hostile\\x1b[2J.eml" in out         # the file name too
     assert raw_controls(out) == [], out

@@ -122,7 +122,8 @@ def test_health_file_modes_ok_warn_fail(tmp_path):
     db.write_text("")
     os.chmod(db, 0o644)
     result = probe(tmp_path)
-    assert result.status == "WARN" and result.ok is True and "bayes.sqlite-wal (0644)" in result.detail
+    assert result.status == "WARN" and result.ok is True
+    assert "bayes.sqlite-wal (0644)" in result.detail
     os.chmod(db, 0o646)
     result = probe(tmp_path)
     assert result.status == "FAIL" and "world-writable" in result.detail

@@ -41,7 +41,8 @@ def test_controls_are_escaped(text, shown):
 
 
 @pytest.mark.parametrize("text", [
-    "Plain subject", "Grüße aus Köln", "日本語の件名", "Привет", "עברית ועוד",
+    "Plain subject", "Grüße aus Köln", "日本語の件名", "Привет",
+    "עברית ועוד",
     "می\u200cخواهم", "👨\u200d👩\u200d👧", "back\\slash and \\x1b typed literally", "",
 ])
 def test_ordinary_text_is_unchanged(text):
