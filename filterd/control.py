@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from filterd.modes import CONTROL_SOCKET_MODE, set_socket_mode
+
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -35,12 +37,17 @@ async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
         finally:
             writer.close()
 
-    old_umask = os.umask(0o177)
+    # created 0600 (no moment with a wider mode), then checked and set through the node itself
+    old_umask = os.umask(0o777 & ~CONTROL_SOCKET_MODE)
     try:
         server = await asyncio.start_unix_server(on_client, path=str(path))
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o600)
+    try:
+        set_socket_mode(path, CONTROL_SOCKET_MODE)
+    except OSError:
+        server.close()
+        raise
     return server
 
 

@@ -1,10 +1,11 @@
 """Component health: one probe per component, for `filterd health` and the metrics gauges.
 
 HEALTH_CHECKS maps a component name to a HealthCheck: `fn(settings) -> (ok, detail)`, where ok
-is True (healthy), False (failing) or None (not configured / not part of this installation:
-shown, never a failure). Families register their own probes with `register()` when their
-module is imported (filterd.pipeline.CHECK_MODULES are imported before probing), replacing the
-generic ones below of the same name. A probe that raises counts as failing with the error as
+is True (healthy), False (failing), WARN (works, but the admin should act: shown as WARN, not a
+failure) or None (not configured / not part of this installation: shown, never a failure).
+Families register their own probes with `register()` when their module is imported
+(filterd.pipeline.CHECK_MODULES are imported before probing), replacing the generic ones below
+of the same name. A probe that raises counts as failing with the error as
 detail; each probe runs under metrics.health_timeout.
 
 Built-in probes:
@@ -17,10 +18,13 @@ Built-in probes:
   resolver    the configured resolver answers; each DNS list's RFC 5782 test point
               (127.0.0.2) must come back listed and not with a "blocked resolver" code
   stores      the Bayes token store opens and reports its statistics (filterd.stores)
+  file_modes  the state (state dir, spool, Bayes database and its -wal/-shm, rules cache,
+              control socket) and a unix milter socket keep the file-mode policy
+              (filterd.modes): world-writable fails, world-readable warns
 
 Trusts: nothing it talks to; every probe has a timeout and failures are reported, not raised.
 Reads: metrics.health_timeout, smtp.enabled, smtp.reinject, daemon.state_dir, control.socket,
-quarantine.dir, clamav.*, dns.*, bayes.*, rules.*.
+quarantine.dir, clamav.*, dns.*, bayes.*, rules.*, milter.listen, milter.socket_group.
 Emits: no symbols.
 """
 
@@ -31,11 +35,14 @@ import concurrent.futures
 import ipaddress
 import os
 import socket
+import stat
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
-Probe = Callable[[Any], "tuple[bool | None, str]"]
+Probe = Callable[[Any], "tuple[bool | None | object, str]"]
+WARN = object()   # a probe's ok when the component works but breaks a rule the admin should fix
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +57,12 @@ class HealthResult:
     name: str
     ok: bool | None     # None: not configured / not available
     detail: str
+    warn: bool = False  # ok, with something to fix (the probe returned WARN)
 
     @property
     def status(self) -> str:
+        if self.ok and self.warn:
+            return "WARN"
         return "ok" if self.ok else ("skip" if self.ok is None else "FAIL")
 
 
@@ -274,6 +284,56 @@ def probe_stores(settings: Any) -> tuple[bool | None, str]:
                   f"{st.ntokens} tokens")
 
 
+def probe_file_modes(settings: Any) -> tuple[bool | object, str]:
+    from filterd.modes import MTA_SOCKET_MODE, world_access
+    roots = [settings.state_dir, settings.quarantine_dir, settings.control_socket]
+    if settings.compile_cache_dir is not None:
+        roots.append(settings.compile_cache_dir)
+    stores = _module("filterd.stores")
+    if stores is not None and hasattr(stores, "sqlite_path") and hasattr(settings, "bayes"):
+        db = stores.sqlite_path(settings)
+        roots += [db] + [db.with_name(db.name + end) for end in ("-wal", "-shm", "-journal")]
+    problems = world_access(roots)
+    notes = []
+    milter_socket = None
+    if settings.milter.enabled:
+        from filterd.frontends.milter import unix_socket_path
+        milter_socket = unix_socket_path(settings.milter.listen)
+    if milter_socket and os.path.exists(milter_socket):
+        problems += world_access([Path(milter_socket)])
+        st = os.lstat(milter_socket)
+        if stat.S_IMODE(st.st_mode) & MTA_SOCKET_MODE != MTA_SOCKET_MODE:
+            notes.append(f"{milter_socket} is {stat.S_IMODE(st.st_mode):04o}, not "
+                         f"{MTA_SOCKET_MODE:04o} (its group cannot connect)")
+        if settings.milter.socket_group:
+            from filterd.modes import group_id
+            try:
+                want = group_id(settings.milter.socket_group)
+            except OSError as exc:
+                return False, f"milter.socket_group: {exc}"
+            if st.st_gid != want:
+                notes.append(f"{milter_socket} has group {st.st_gid}, not milter.socket_group "
+                             f"{settings.milter.socket_group} (Postfix cannot connect)")
+    writable = [f for f in problems if f.world_writable]
+    fix = _chmod_hint(problems, roots)
+    shown = lambda fs: ", ".join(f"{f.path} ({f.mode:04o})" for f in fs[:5]) + (  # noqa: E731
+        f" and {len(fs) - 5} more" if len(fs) > 5 else "")
+    if writable:
+        return False, f"{len(writable)} world-writable: {shown(writable)}{fix}"
+    if problems or notes:
+        parts = [f"{len(problems)} readable by other users: {shown(problems)}"] if problems else []
+        return WARN, "; ".join(parts + notes) + (fix if problems else "")
+    return True, f"{settings.state_dir}: nothing readable or writable by other users"
+
+
+def _chmod_hint(problems: list[Any], roots: list[Path]) -> str:
+    """'; fix: chmod -R o-rwx ROOT...' for the outermost roots that hold a finding."""
+    tops = [r for r in roots if not any(other in r.parents for other in roots)]
+    where = [t for t in dict.fromkeys(tops)
+             if any(f.path == t or t in f.path.parents for f in problems)]
+    return "; fix: chmod -R o-rwx " + " ".join(map(str, where)) if where else ""
+
+
 register("rules", probe_rules, in_metrics=False)  # loading rules at every scrape is wasteful
 register("state_dir", probe_state_dir)
 register("quarantine", probe_quarantine)
@@ -282,6 +342,7 @@ register("daemon", probe_daemon, in_metrics=False)  # the daemon is what serves 
 register("clamd", probe_clamd)
 register("resolver", probe_resolver)
 register("stores", probe_stores)
+register("file_modes", probe_file_modes, in_metrics=False)  # walks the spool: not per scrape
 
 
 def _load_family_probes() -> str | None:
@@ -302,6 +363,8 @@ def run_one(check: HealthCheck, settings: Any, timeout: float) -> HealthResult:
     try:
         future = pool.submit(check.fn, settings)
         ok, detail = future.result(timeout=timeout)
+        if ok is WARN:
+            return HealthResult(check.name, True, str(detail), warn=True)
     except concurrent.futures.TimeoutError:
         return HealthResult(check.name, False, f"no answer within {timeout:g} s")
     except Exception as exc:

@@ -8,6 +8,12 @@ The per-message line (filterd.service.Scanner.log_message) carries its fields as
 `filterd` attribute. With log.target = journald each field is also sent as a journal field
 (FILTERD_QUEUE_ID, FILTERD_ACTION, FILTERD_SCORE, ...), so `journalctl FILTERD_ACTION=reject`
 works without parsing the line.
+
+Every handler formats through SafeFormatter: a record's line is one line whatever its fields
+hold (a Subject, HELO or Message-ID with CR/LF cannot forge a second log line, an ESC sequence
+cannot act on the terminal of whoever reads the log); control characters show as \x1b, \x0a
+(filterd.textsafe). A traceback keeps its own lines, each indented, so none of them can pass
+for a record either.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import re
 import socket
 import sys
 from typing import Any
+
+from filterd.textsafe import visible
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 # logging level -> syslog priority (journal PRIORITY field)
@@ -34,6 +42,24 @@ def _journal_field(name: str, value: Any) -> bytes:
     if b"\n" in data:
         return key + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
     return key + b"=" + data + b"\n"
+
+
+class SafeFormatter(logging.Formatter):
+    """A formatter whose record line is one line with control characters escaped."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return visible(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join(line if line.startswith((" ", "\t")) else "  " + line
+                     for line in visible(text, multiline=True).splitlines())
 
 
 class JournalHandler(logging.Handler):
@@ -58,7 +84,8 @@ class JournalHandler(logging.Handler):
         ]
         extra = getattr(record, "filterd", None)
         if isinstance(extra, dict):
-            fields.extend(_journal_field(f"FILTERD_{k}", v) for k, v in extra.items()
+            # values the sender chose (from, helo, message_id) are escaped like the line
+            fields.extend(_journal_field(f"FILTERD_{k}", visible(v)) for k, v in extra.items()
                           if not isinstance(v, (dict, list)))
         return b"".join(fields)
 
@@ -86,7 +113,7 @@ def _syslog_handler(settings: Any) -> logging.Handler:
         host, _, port = address_text.rpartition(":")
         address = (host.strip("[]"), int(port))
     handler = logging.handlers.SysLogHandler(address=address, facility=facility)
-    handler.setFormatter(logging.Formatter("filterd[%(process)d]: %(name)s: %(message)s"))
+    handler.setFormatter(SafeFormatter("filterd[%(process)d]: %(name)s: %(message)s"))
     return handler
 
 
@@ -106,12 +133,12 @@ def setup(settings: Any | None = None, *, level: str | None = None) -> None:
     elif target == "journald":
         try:
             handler = JournalHandler()
-            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+            handler.setFormatter(SafeFormatter("%(name)s: %(message)s"))
         except OSError as exc:
             problem = f"journald socket {JOURNAL_SOCKET} unreachable ({exc.strerror or exc})"
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(lvl)
     logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STATE="${1:-./var}"
-mkdir -p "$STATE"
+mkdir -p -m 0750 "$STATE"   # the state dir is no one else's business (filterd/modes.py)
 STATE="$(cd "$STATE" && pwd)"
 export FILTERD_STATE_DIR="$STATE"
 args=()

@@ -68,3 +68,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     report.outcome = "failed"
     report.longrepr = (f"skipped under CI=true, which counts as a failure ({reason}); "
                        f"list it in tests/skips-allowed.txt with a reason if it must skip there")
+
+
+@pytest.fixture(autouse=True)
+def _keep_umask():
+    """filterd.cli.main sets the process umask (filterd.modes); a test calling it in-process
+    must not leave its umask to the tests after it (nor to the services they start)."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+    yield
+    os.umask(saved)

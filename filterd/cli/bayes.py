@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from filterd.textsafe import visible
+
 BACKUP_FORMAT = "filterd-bayes-backup"
 BACKUP_VERSION = 1
 
@@ -125,7 +127,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def _escape(token: str) -> str:
-    return token.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+    # tokens are message text: a doubled backslash keeps the column unambiguous, textsafe
+    # shows TAB, LF, ESC and the other controls (\x09, \x0a, \x1b)
+    return visible(token.replace("\\", "\\\\"))
 
 
 def cmd_expire(args: argparse.Namespace) -> int:

@@ -3,9 +3,10 @@
   filterd health [--only NAME,...] [--skip NAME,...] [--json]
 
 Components (filterd.health.HEALTH_CHECKS): rules, state_dir, quarantine, reinject, daemon,
-clamd, resolver, stores, and whatever the installed families register. A component that is not
-configured or not installed prints `skip` and does not fail the run. For a monitoring system:
-`filterd health --skip daemon` on a host where the daemon runs elsewhere.
+clamd, resolver, stores, file_modes, and whatever the installed families register. A component
+that is not configured or not installed prints `skip` and does not fail the run; `WARN` (e.g.
+state readable by other users) does not fail it either, world-writable state does. For a
+monitoring system: `filterd health --skip daemon` on a host where the daemon runs elsewhere.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from filterd.cli.main import load_settings
     from filterd.health import HEALTH_CHECKS, run_checks
+    from filterd.textsafe import visible
 
     settings = load_settings(args)
     unknown = ((args.only or set()) | (args.skip or set())) - set(HEALTH_CHECKS)
@@ -50,5 +52,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         width = max((len(r.name) for r in results), default=8)
         for r in results:
-            print(f"{r.name:<{width}}  {r.status:<4}  {r.detail}")
+            # details quote what services answered (an SMTP greeting, an error text)
+            print(f"{r.name:<{width}}  {r.status:<4}  {visible(r.detail)}")
     return 1 if any(r.ok is False for r in results) else 0

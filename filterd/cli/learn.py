@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from filterd.cli.progress import ProgressBar, count_files
+from filterd.textsafe import visible
 
 # Header names at least one of which a mail message has near its top.
 _MAIL_HEADERS = {"from", "to", "subject", "date", "received", "message-id", "return-path",
@@ -158,5 +159,5 @@ def run(args: argparse.Namespace) -> int:
 def _problem(progress: Progress, text: str) -> None:
     if progress.enabled:
         sys.stderr.write("\r\x1b[K")
-    print(f"filterd learn: {text}", file=sys.stderr)
+    print(f"filterd learn: {visible(text)}", file=sys.stderr)  # file names and parse errors
 

@@ -2,6 +2,7 @@
 
 Each module in COMMANDS adds its subcommands through `register(subparsers)`; each subcommand
 sets `func(args) -> exit code`. Exit codes: 0 success, 1 failure (or partial failure), 2 usage.
+Every command runs under umask 0027 whatever the caller's (filterd.modes).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from filterd.modes import set_process_umask
+    # before anything is created: the policy's modes, not the caller's umask (filterd.modes)
+    set_process_umask()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

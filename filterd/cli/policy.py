@@ -20,6 +20,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from filterd.textsafe import visible
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("policy", help="show the effective policy of an address; "
@@ -122,7 +124,7 @@ def run_show(args: argparse.Namespace) -> int:
                           "policy": {k: {"value": shown(v), "from": eff.source_of(k)}
                                      for k, v in rows}}, indent=2))
         return 0
-    print(f"address: {args.address}")
+    print(f"address: {visible(args.address)}")
     print(f"banks:   {', '.join(eff.banks) or '(none)'}")
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

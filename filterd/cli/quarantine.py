@@ -18,6 +18,7 @@ import sys
 from typing import Any, Callable
 
 from filterd.quarantine.store import CATEGORIES, ID_PATTERN, STATES
+from filterd.textsafe import json_dumps, visible, visible_bytes
 
 PROG = "filterd quarantine"
 
@@ -46,8 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     show = qsub.add_parser("show", help="metadata, symbols and scores of one item")
     show.add_argument("id", metavar="ID")
     mode = show.add_mutually_exclusive_group()
-    mode.add_argument("--raw", action="store_true", help="the stored message, byte for byte")
-    mode.add_argument("--headers", action="store_true", help="the message's header block")
+    mode.add_argument("--raw", action="store_true",
+                      help="the stored message, byte for byte into a pipe or file; on a "
+                           "terminal control characters are shown escaped (\\x1b)")
+    mode.add_argument("--headers", action="store_true",
+                      help="the message's header block (escaped on a terminal, as --raw)")
     mode.add_argument("--json", action="store_true", help="the sidecar as JSON")
     show.set_defaults(func=run_show)
 
@@ -83,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _err(action: str, text: str) -> None:
-    print(f"{PROG} {action}: {text}", file=sys.stderr)
+    print(f"{PROG} {action}: {visible(text)}", file=sys.stderr)
 
 
 def _store(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -119,13 +123,13 @@ def run_list(args: argparse.Namespace) -> int:
         _err("list", f"cannot read {settings.quarantine_dir}: {exc}")
         return 1
     if args.json:
-        json.dump([dict(i.sidecar) for i in items], sys.stdout, indent=1, ensure_ascii=False)
-        sys.stdout.write("\n")
+        print(json_dumps([dict(i.sidecar) for i in items], indent=1))
         return 0
     for i in items:
-        rcpts = ",".join(i.rcpt_tos)
+        # sender, recipients and subject are the sender's text: escapes shown, never acted on
+        rcpts = visible(",".join(i.rcpt_tos))
         print(f"{i.id}  {iso(i.time)}  {i.state:<9} {i.category:<10} {i.score:>8.2f} "
-              f"{i.size:>8}  <{i.mail_from}> -> {rcpts}  {i.subject[:60]}")
+              f"{i.size:>8}  <{visible(i.mail_from)}> -> {rcpts}  {visible(i.subject[:60])}")
     return 0
 
 
@@ -139,12 +143,15 @@ def run_show(args: argparse.Namespace) -> int:
         item = store.get(args.id)
         if args.raw or args.headers:
             raw = store.read_raw(args.id)
-            sys.stdout.buffer.write(header_block(raw) if args.headers else raw)
+            data = header_block(raw) if args.headers else raw
+            # byte for byte into a pipe (postcat-like use, `| formail`); a terminal gets the
+            # escapes shown instead of obeyed
+            sys.stdout.buffer.write(visible_bytes(data) if sys.stdout.isatty() else data)
             sys.stdout.flush()
         elif args.json:
-            print(json.dumps(dict(item.sidecar), indent=1, ensure_ascii=False))
+            print(json_dumps(dict(item.sidecar), indent=1))
         else:
-            print("\n".join(describe(item)))
+            print("\n".join(visible(line) for line in describe(item)))
     except QuarantineError as exc:
         _err("show", str(exc))
         return 1
@@ -192,7 +199,7 @@ def run_release(args: argparse.Namespace) -> int:
             _err("release", str(exc))
             failed += 1
             continue
-        print(f"{item_id}: released to {', '.join(done.recipients)} via "
+        print(f"{item_id}: released to {visible(', '.join(done.recipients))} via "
               f"{settings.quarantine.release_via}")
         if learn is not None:
             try:

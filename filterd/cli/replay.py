@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from filterd.cli.progress import ProgressBar, count_files
+from filterd.textsafe import visible
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -103,7 +104,7 @@ def print_confusion(data: dict[str, Any], out: Any) -> None:
       f"{'tmpf':>5}{'FP rate':>9}{'FN rate':>9}\n")
     rows = list(data["corpora"].items()) + [("overall", data["overall"])]
     for name, c in rows:
-        w(f"{name[:23]:<24}{c['ham']:>7}{c['fp']:>6}{c['tn']:>7}{c['ham_tempfail']:>5}"
+        w(f"{visible(name[:23]):<24}{c['ham']:>7}{c['fp']:>6}{c['tn']:>7}{c['ham_tempfail']:>5}"
           f"{c['spam']:>7}{c['tp']:>7}{c['fn']:>6}{c['spam_tempfail']:>5}"
           f"{_pct(c['fp_rate']):>9}{_pct(c['fn_rate']):>9}\n")
 
@@ -148,13 +149,13 @@ def print_details(data: dict[str, Any], out: Any) -> None:
     w("\nslowest messages\n")
     for row in data["slowest"]:
         w(f"  {row['seconds'] * 1000:9.1f} ms  {row['action']:<10} {row['score']:>8g}  "
-          f"{row['name']}\n")
+          f"{visible(row['name'])}\n")
     changed = data.get("changed")
     if changed is not None:
         w(f"\nactions changed with {data['compare']['config']}: {len(changed)}\n")
         for row in changed:
             w(f"  {row['action_a']:>10} -> {row['action_b']:<10} {row['score_a']:>8g} -> "
-              f"{row['score_b']:<8g} [{row['label'] or '-'}] {row['name']}\n")
+              f"{row['score_b']:<8g} [{visible(row['label'] or '-')}] {visible(row['name'])}\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -206,5 +207,5 @@ def run(args: argparse.Namespace) -> int:
         print_text(data)
     for r in results:
         if r.error is not None:
-            print(f"filterd: {r.name}: {r.error}", file=sys.stderr)
+            print(f"filterd: {visible(r.name)}: {visible(r.error)}", file=sys.stderr)
     return 1 if summary.errors else 0

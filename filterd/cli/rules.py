@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from filterd.textsafe import visible
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rules", help="lint, list, show, fit and import rules",
@@ -119,7 +121,7 @@ def run_lint(args: argparse.Namespace) -> int:
     errors = [p for p in problems if p.severity == "error"]
     for problem in problems:
         if problem.severity == "error" or args.warnings:
-            print(f"{problem}" + ("" if problem.severity == "error" else " (warning)"),
+            print(visible(problem) + ("" if problem.severity == "error" else " (warning)"),
                   file=sys.stderr)
     engine = ruleset.engine
     print(f"{len(ruleset.files)} files, {len(ruleset.rules)} rules "
@@ -148,7 +150,7 @@ def run_list(args: argparse.Namespace) -> int:
         else:
             shown = "-" if score is None else f"{score:g}"
             print(f"{name:<32} {rule.kind:<10} {shown:>6}  {rule.location}\n"
-                  f"{'':<32} {what[:100]}")
+                  f"{'':<32} {visible(what[:100])}")
     return 0
 
 
@@ -224,19 +226,20 @@ def run_import_sa(args: argparse.Namespace) -> int:
     result = sa_import.import_files([Path(f) for f in args.files], prefix=args.prefix)
     if result.read_errors:
         for err in result.read_errors:
-            print(f"filterd: {err}", file=sys.stderr)
+            print(f"filterd: {visible(err)}", file=sys.stderr)
     if args.output:
         Path(args.output).write_text(sa_import.to_toml(result), encoding="utf-8")
     print(sa_import.summary(result))
     if args.report:
         for item in result.skipped:
-            print(f"  {item.location}: {item.name} ({item.kind}): {item.reason}")
+            # third-party .cf text: shown, never obeyed
+            print(visible(f"  {item.location}: {item.name} ({item.kind}): {item.reason}"))
         if result.undefined_refs:
             print(f"metas translated with names no file defines, read as 0 as SpamAssassin "
                   f"does: {len(result.undefined_refs)}")
             for name, refs in sorted(result.undefined_refs.items()):
                 where = result.locations.get(name, "?")
-                print(f"  {where}: {name} (meta): reads as 0: {', '.join(refs)}")
+                print(visible(f"  {where}: {name} (meta): reads as 0: {', '.join(refs)}"))
         if result.checks:
             print(f"DNS list tests as [check.*] bindings (network checks; they fire only with "
                   f"network checks on): {len(result.check_symbols)} rules in "

@@ -16,6 +16,8 @@ import json
 import sys
 from typing import Any
 
+from filterd.textsafe import visible
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("scan", help="scan messages offline and print each verdict",
@@ -67,16 +69,18 @@ def explain_record(record: dict[str, Any], outcome: Any) -> None:
 
 
 def _print_text(record: dict[str, Any], describe: Any) -> None:
-    print(f"{record['path']}: {record['action']} score={record['score']:g} ({record['reason']})")
+    # file names, symbol options, matched text and header values come from the message
+    print(f"{visible(record['path'])}: {record['action']} score={record['score']:g} "
+          f"({visible(record['reason'])})")
     for sym in record["symbols"]:
-        opts = f" [{', '.join(sym['options'])}]" if sym["options"] else ""
+        opts = f" [{visible(', '.join(sym['options']))}]" if sym["options"] else ""
         print(f"  {sym['score']:>8.3f}  {sym['name']}{opts}  -- {describe(sym['name'])}")
         if "location" in sym:
             print(f"            at {sym['location']}")
         if "match" in sym:
-            print(f"            matched: {sym['match']}")
+            print(f"            matched: {visible(sym['match'])}")
     for name, value in record["headers"]:
-        print(f"  + {name}: {value}")
+        print(f"  + {name}: {visible(value)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         for item in iter_messages(args.paths):
             if item.data is None:
                 errors += 1
-                print(f"filterd: {item.name}: {item.error}", file=sys.stderr)
+                print(f"filterd: {visible(item.name)}: {visible(item.error)}", file=sys.stderr)
                 continue
             outcome = await scanner.scan(item.data, envelope, skip_network=args.offline)
             record = result_record(item.name, outcome)

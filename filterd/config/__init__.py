@@ -125,6 +125,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("milter.enabled", "bool", True, "Serve the milter protocol (Postfix smtpd_milters)."),
     Setting("milter.listen", "str", "inet:8890@127.0.0.1",
             "libmilter socket spec: inet:PORT@HOST, inet6:PORT@HOST or unix:/path."),
+    Setting("milter.socket_group", "str", "",
+            "Group of a unix milter socket (created 0660) so Postfix can connect, e.g. "
+            "'postfix' (filterd's user must be a member); '' keeps filterd's own group."),
     Setting("milter.timeout", "int", 600,
             "Seconds libmilter waits on an idle MTA connection.", minimum=1),
     Setting("milter.max_message_size", "int", 64 * 1024 * 1024,

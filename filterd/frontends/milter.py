@@ -5,8 +5,9 @@ thread; each callback here is cheap except end-of-message, which hands the buffe
 the Scanner on the daemon's event loop and waits for the result with a deadline (_Handoff).
 Negotiation asks the MTA to skip the steps filterd does nothing at (DATA, unknown commands,
 end of headers) and not to wait for a reply to connect/HELO/MAIL/RCPT/header/body steps.
-Reads: milter.listen, milter.timeout, milter.quarantine_reply, milter.max_message_size,
-milter.max_headers, daemon.pending_data_limit, scan.deadline.
+Reads: milter.listen, milter.socket_group, milter.timeout, milter.quarantine_reply,
+milter.max_message_size, milter.max_headers, daemon.pending_data_limit, scan.deadline.
+A unix milter socket is created 0660 in milter.socket_group (filterd.modes).
 
 Memory bounds (filterd.frontends.limits): header lines and body chunks go into a spool (memory,
 then an unlinked temporary file) charged to the pending data budget shared with the SMTP front
@@ -348,10 +349,13 @@ def run(scanner: Any, loop: asyncio.AbstractEventLoop) -> threading.Thread:
     settings = scanner.settings
     Milter.factory = FilterMilter
     Milter.set_flags(FLAGS)
+    open_socket(settings)
 
     def serve() -> None:
         try:
-            Milter.runmilter("filterd", settings.milter.listen, timeout=settings.milter.timeout)
+            # the socket is open already: libmilter keeps it (rmsock=False removes nothing)
+            Milter.runmilter("filterd", settings.milter.listen, timeout=settings.milter.timeout,
+                             rmsock=False)
         except Exception:
             log.exception("milter stopped with an error")
         finally:
@@ -364,6 +368,41 @@ def run(scanner: Any, loop: asyncio.AbstractEventLoop) -> threading.Thread:
         _disable_nagle(port)
     log.info("milter listening on %s", settings.milter.listen)
     return thread
+
+
+def open_socket(settings: Any) -> None:
+    """Open libmilter's listening socket in the caller's thread, before the MTA can connect,
+    and give a unix socket its mode (0660) and milter.socket_group (filterd.modes).
+
+    Raises OSError with the reason when the socket cannot be opened or given its group.
+    """
+    import milter
+
+    from filterd.modes import MTA_SOCKET_MODE, group_id, set_socket_mode
+    spec = settings.milter.listen
+    path = unix_socket_path(spec)
+    group = None
+    if path is not None and settings.milter.socket_group:
+        try:
+            group = group_id(settings.milter.socket_group)
+        except OSError as exc:
+            raise OSError(f"milter.socket_group: {exc}") from None
+    try:
+        milter.setconn(spec)
+        milter.register("filterd")   # smfi_opensocket needs a registered filter; runmilter
+        milter.opensocket(True)      # registers again with the callbacks; True: stale socket
+    except milter.error as exc:
+        raise OSError(f"milter.listen {spec}: cannot open the socket ({exc})") from None
+    if path is not None:
+        set_socket_mode(path, MTA_SOCKET_MODE, group)
+
+
+def unix_socket_path(spec: str) -> str | None:
+    """The file of a libmilter unix socket spec (unix:/p, local:/p or /p); None for inet."""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("unix", "local"):
+        return rest
+    return spec if spec.startswith("/") else None
 
 
 def _inet_port(spec: str) -> int | None:

@@ -31,6 +31,7 @@ from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from filterd import modes
 from filterd.message import Envelope
 from filterd.policy import Verdict
 from filterd.quarantine.index import Index
@@ -40,8 +41,8 @@ from filterd.quarantine.store import (
 
 log = logging.getLogger("filterd.quarantine")
 
-DIR_MODE = 0o750
-FILE_MODE = 0o640
+DIR_MODE = modes.DIR_MODE     # the file-mode policy (filterd.modes), named here for the spool
+FILE_MODE = modes.FILE_MODE
 ORPHAN_AGE = 86400.0   # a .eml without sidecar this old is a crash leftover (put takes ms)
 TMP_AGE = 3600.0
 

@@ -6,6 +6,8 @@ state directory.
     f.stop()     # SIGTERM, wait for exit      f.kill()    # SIGKILL, like a crash
     f.restart()  # same ports, same state dir   f.log()     # its stdout+stderr so far
     f.close()    # stop and remove the directory
+    FilterdDaemon(umask=0o022)  # start it under this umask (a hand start), not the harness's
+    milter.listen = "unix:/path" in the overrides: start-up waits for that socket instead
 
 Config: `overrides` are settings by dotted key ("scan.deadline") or as nested tables
 ({"scan": {"deadline": 5.0}}); they go over the harness's base below and are written to
@@ -143,7 +145,7 @@ class FilterdDaemon(PrivateService):
                  milter_port: int | None = None, smtp_port: int | None = None,
                  reinject_port: int | None = None, release_port: int | None = None,
                  milter: bool = True, smtp: bool = True, start_timeout: float | None = None,
-                 env: Mapping[str, str] | None = None):
+                 env: Mapping[str, str] | None = None, umask: int | None = None):
         self.milter_port = milter_port or free_port()
         self.smtp_port = smtp_port or free_port()
         self.reinject_port = reinject_port or free_port()
@@ -154,6 +156,7 @@ class FilterdDaemon(PrivateService):
         self.overrides = dict(overrides or {})
         self.start_timeout = start_timeout or float(os.environ.get(START_TIMEOUT_ENV, 120))
         self.env = dict(env or {})
+        self.umask = umask          # the daemon's starting umask (None: this process's)
         self.dir: Path | None = None
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -235,10 +238,14 @@ class FilterdDaemon(PrivateService):
                 self.proc = subprocess.Popen(die_with_parent(self.command("serve")),
                                              stdin=subprocess.DEVNULL, stdout=out,
                                              stderr=subprocess.STDOUT, env=env,
-                                             cwd=str(self._dir))
+                                             cwd=str(self._dir),
+                                             umask=-1 if self.umask is None else self.umask)
                 track(self)
             self.starts += 1
-            if self.milter_enabled:
+            milter_listen = str(self.settings()["milter.listen"])
+            if self.milter_enabled and milter_listen.startswith("unix:"):
+                self._wait_unix_socket(Path(milter_listen[len("unix:"):]))
+            elif self.milter_enabled:
                 wait_port(self.milter_port, self.start_timeout, proc=self.proc,
                           what="filterd milter", log=self.log)
             if self.smtp_enabled:
@@ -248,6 +255,22 @@ class FilterdDaemon(PrivateService):
             self.kill()
             raise
         return self
+
+    def _wait_unix_socket(self, path: Path) -> None:
+        import socket
+        import time
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ServiceError(f"filterd exited {self.proc.returncode} before its milter "
+                                   f"socket {path} was ready:\n{read_tail(self.log_file)}")
+            try:
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.connect(str(path))
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise ServiceError(f"filterd milter socket {path} not ready after {self.start_timeout} s")
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM and wait; returns the exit status (None if it was not running)."""

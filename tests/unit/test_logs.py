@@ -151,3 +151,97 @@ def test_unreachable_targets_fall_back_to_stderr(tmp_path, monkeypatch, capsys):
             root.addHandler(h)
         root.setLevel(saved[1])
     assert "logging to stderr instead" in capsys.readouterr().err
+
+
+# --- one line per record, control characters escaped (filterd.logsetup.SafeFormatter) -------
+HOSTILE = (b"From: =?utf-8?q?Eve_=1B]0;pwned=07?= <eve@example.org>\r\n"
+           b"To: b@example.net\r\n"
+           b"Subject: =?utf-8?q?hello=0D=0A2026-12-04_12:00:00,000_INFO_filterd.message:_forged"
+           b"=1B[2J=1B[31m_=E2=80=AEtxt.exe?=\r\n"
+           b"Message-ID: <id\x1b[2J\x1b]0;t\x07@example.org>\r\n"
+           b"Date: Fri, 04 Dec 2026 12:00:00 +0000\r\n\r\nhello\r\n")
+
+
+def _capture_stderr(settings, capsys, emit) -> str:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        logsetup.setup(settings)
+        emit()
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            h.close()
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+    return capsys.readouterr().err
+
+
+def _raw_controls(text: str) -> list[str]:
+    return [ch for ch in text if (ord(ch) < 0x20 and ch != "\n") or 0x7f <= ord(ch) < 0xa0
+            or ch in "\u202e\u2028\u2029"]
+
+
+def test_hostile_message_logs_one_line_without_raw_controls(tmp_path, capsys):
+    settings = settings_for(tmp_path)
+    scanner = Scanner(settings)
+    subject = {}
+
+    async def go() -> None:
+        outcome = await scanner.scan(HOSTILE, Envelope(
+            mail_from="eve\x1b[2J@example.org", rcpt_tos=("b@example.net",),
+            client_ip="192.0.2.7", client_helo="mx\r\nforged\x1b]0;t\x07", queue_id="4Hostile"))
+        subject["text"] = outcome.view.subject
+        disposition = await scanner.dispose(outcome, "milter")
+        scanner.log_message(outcome, disposition, "milter")
+        # what a check logging the decoded Subject would write
+        logging.getLogger("filterd.test").warning("subject %s", outcome.view.subject)
+
+    err = _capture_stderr(settings, capsys, lambda: asyncio.run(go()))
+    assert "\r" in subject["text"] and "\n" in subject["text"] and "\x1b" in subject["text"]
+    lines = err.splitlines()
+    logger = lambda line: line.split(" ", 4)[3]  # noqa: E731 - "DATE TIME LEVEL NAME: text"
+    message_lines = [line for line in lines if logger(line) == "filterd.message:"]
+    assert len(message_lines) == 1, lines
+    assert "queue_id=4Hostile" in message_lines[0]
+    assert "\\x1b[2J" in message_lines[0]          # shown, not obeyed
+    subject_lines = [line for line in lines if logger(line) == "filterd.test:"]
+    assert len(subject_lines) == 1 and "\\x0d\\x0a2026-12-04" in subject_lines[0]
+    assert "\\u202etxt.exe" in subject_lines[0]
+    assert not any(line.startswith("2026-12-04 12:00:00") for line in lines)
+    assert _raw_controls(err) == []
+
+
+def test_traceback_lines_are_indented_and_escaped(tmp_path, capsys):
+    def emit() -> None:
+        try:
+            raise ValueError("bad\n2026-01-01 00:00:00,000 INFO filterd.message: forged\x1b[2J")
+        except ValueError:
+            logging.getLogger("filterd.test").exception("failed for %s", "x\ny")
+
+    err = _capture_stderr(settings_for(tmp_path), capsys, emit)
+    lines = err.splitlines()
+    assert lines[0].endswith("filterd.test: failed for x\\x0ay")
+    assert all(line.startswith((" ", "\t")) for line in lines[1:]), lines
+    assert _raw_controls(err) == []
+
+
+def test_journald_fields_are_escaped_too(tmp_path, monkeypatch):
+    path = tmp_path / "journal.socket"
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(path))
+    journal.settimeout(5)
+    monkeypatch.setattr(logsetup, "JOURNAL_SOCKET", str(path))
+    handler = logsetup.JournalHandler()
+    handler.setFormatter(logsetup.SafeFormatter("%(name)s: %(message)s"))
+    record = logging.LogRecord("filterd.message", logging.INFO, __file__, 1, "helo=%s",
+                               ("a\nb\x1b",), None)
+    record.filterd = {"helo": "a\nb\x1b"}
+    try:
+        payload = handler.payload(record)
+    finally:
+        handler.close()
+        journal.close()
+    assert b"MESSAGE=filterd.message: helo=a\\x0ab\\x1b\n" in payload
+    assert b"FILTERD_HELO=a\\x0ab\\x1b\n" in payload
