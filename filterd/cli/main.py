@@ -27,6 +27,23 @@ COMMANDS = (
     "filterd.cli.policy",
 )
 
+# What a command imports after load_settings() switched from root to the state directory's
+# owner, who may not be able to read the installation (a Python under /root): imported first.
+_QUARANTINE = ("filterd.quarantine", "filterd.quarantine.service", "filterd.quarantine.notify",
+               "filterd.frontends.reinject", "smtplib", "email.utils", "email.parser",
+               "email.policy", "email.headerregistry", "email._header_value_parser", "getpass",
+               "encodings.idna", "filterd.bayes.api")
+_BAYES = ("filterd.stores", "filterd.stores.sqlite", "filterd.stores.redis", "filterd.bayes",
+          "filterd.message", "filterd.message.sources", "gzip", "tempfile", "datetime")
+STATE_MODULES = {
+    "quarantine": _QUARANTINE + _BAYES,
+    "bayes": _BAYES,
+    "learn": _BAYES,
+    "scan": _BAYES + _QUARANTINE + ("filterd.service",),
+    "reload": ("filterd.control",),
+    "status": ("filterd.control",),
+}
+
 EPILOG = """\
 Global options go before the subcommand: filterd --config FILE --state-dir DIR serve
 Settings are documented by `filterd config show`; the rule set by `filterd rules --help`.
@@ -58,14 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_settings(args: argparse.Namespace):  # -> Settings; raises SystemExit(1) on error
-    from filterd import config
+def load_settings(args: argparse.Namespace, *, as_state_owner: bool = True):
+    """The settings (raises SystemExit(1) on error). Run as root against a state directory
+    another user owns, the command continues as that user (filterd.statefs): every state file
+    it opens, SQLite's -wal/-shm/-journal included, is then opened with the owner's rights only.
+    `serve` passes as_state_owner=False: the daemon switches to daemon.user itself."""
+    from filterd import config, statefs
     from filterd.ruleset import configure_compile_cache
     try:
         settings = config.load(args.config, state_dir=args.state_dir)
     except config.ConfigError as exc:
         print(f"filterd: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    if as_state_owner:
+        try:
+            statefs.become_state_owner(settings.state_dir,
+                                       STATE_MODULES.get(getattr(args, "command", ""), ()))
+        except statefs.SwitchError as exc:
+            print(f"filterd: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
     configure_compile_cache(settings.compile_cache_dir)
     return settings
 
@@ -82,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except ImportError as exc:
+        from filterd import statefs
+        hint = statefs.import_failure_hint(exc)
+        if hint is None:
+            raise
+        print(f"filterd: {hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
