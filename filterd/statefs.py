@@ -7,8 +7,8 @@ there; root's CLI must not be turned against the host by them (issue 14).
 Reads: daemon.state_dir (become_state_owner). Emits: no symbols.
 
 The rules, in one place:
-  * a configured directory is opened as configured and must be owned by the user this process
-    runs as (`Dir.open`); every name below it is opened relative to the directory descriptor
+  * a configured directory must be owned by the user this process runs as and is not itself
+    a link (`Dir.open`; the path up to it is root's configuration); every name below it is opened relative to the directory descriptor
     with O_NOFOLLOW (`Dir.sub`, `Dir.open_file`), and must be a directory or a regular file
     owned by that user;
   * files are created with O_EXCL (new files go to a tmp name and are renamed inside the same
@@ -111,26 +111,27 @@ class Dir:
 
     # --- opening directories ---------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path | str, *, create: bool = False, mode: int = DIR_MODE) -> "Dir":
-        """A configured directory: its path is root's configuration and is followed; the
-        directory must be owned by the user this process runs as."""
+    def open(cls, path: Path | str, *, create: bool = False, mode: int = DIR_MODE,
+             follow: bool = False) -> "Dir":
+        """A configured directory, which must be owned by the user this process runs as. The
+        path up to its parent is root's configuration and is followed; the directory itself
+        may sit in the daemon's state directory (quarantine/, rules-cache/) and is not
+        followed when it is a link, unless `follow` (a directory named only by root)."""
         path = Path(path)
-        if create:
+        if follow:
+            if create:
+                path.mkdir(mode=mode, parents=True, exist_ok=True)
+            fd = os.open(path, _DIR_FLAGS)
             try:
-                path.mkdir(mode=mode, parents=True)
-                created = True
-            except FileExistsError:
-                created = False
-        fd = os.open(path, _DIR_FLAGS)
-        try:
-            st = os.fstat(fd)
-            check(st, path, stat.S_IFDIR)
-            if create and created:
-                os.fchmod(fd, mode)  # mkdir's mode went through the umask
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(fd, path)
+                check(os.fstat(fd), path, stat.S_IFDIR)
+            except BaseException:
+                os.close(fd)
+                raise
+            return cls(fd, path)
+        if create:
+            path.parent.mkdir(mode=mode, parents=True, exist_ok=True)
+        with cls(os.open(path.parent, _DIR_FLAGS), path.parent) as parent:
+            return parent.sub(path.name, create=create, mode=mode)
 
     def sub(self, name: str, *, create: bool = False, mode: int = DIR_MODE) -> "Dir":
         """The directory `name` inside this one; never through a link."""
@@ -291,7 +292,7 @@ def sqlite_file(path: Path | str, *, create: bool = True) -> Path:
     absent or regular files owned by that user. Raises UnsafeFile, FileNotFoundError (absent
     and not `create`) or OSError."""
     path = Path(path)
-    with Dir.open(path.parent, create=create) as parent:
+    with Dir.open(path.parent, create=create, follow=True) as parent:
         for suffix in SQLITE_SUFFIXES:
             name = path.name + suffix
             try:
