@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import pkgutil
 import pwd
 import secrets
 import stat
@@ -336,10 +337,7 @@ def become_state_owner(state_dir: Path | str, preload: Iterable[str] = ()) -> st
     except KeyError:
         name, gid = f"uid {uid}", st.st_gid
     for module in preload:
-        try:
-            importlib.import_module(module)
-        except ImportError:  # optional parts (Bayes, Redis): the command reports it later
-            pass
+        _preload(module)
     used = _installation_dirs()
     try:
         os.setgroups([])
@@ -366,6 +364,20 @@ def import_failure_hint(exc: ImportError) -> str | None:
             f"reach the host), and {switched_to} cannot read "
             f"{', '.join(unreadable_after_switch)}; install filterd where {switched_to} can "
             f"read it (not under /root), or run the command as {switched_to}")
+
+
+def _preload(module: str) -> None:
+    """Import `module`, or with "pkg.*" every module of the package."""
+    names = [module]
+    if module.endswith(".*"):
+        package = importlib.import_module(module[:-2])
+        names = [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+                 if not m.name.endswith(".__main__")]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # optional parts (Bayes, Redis, libmilter): the command says so later
+            pass
 
 
 def _installation_dirs() -> list[str]:

@@ -29,20 +29,23 @@ COMMANDS = (
 
 # What a command imports after load_settings() switched from root to the state directory's
 # owner, who may not be able to read the installation (a Python under /root): imported first.
+# "filterd.*" is every module of filterd (the commands that load the rule set reach most).
+_LAZY_STDLIB = ("unicodedata", "stringprep", "encodings.idna", "email.utils", "email.parser",
+                "email.policy", "email.headerregistry", "email._header_value_parser", "getpass",
+                "smtplib", "gzip", "tempfile", "datetime")
 _QUARANTINE = ("filterd.quarantine", "filterd.quarantine.service", "filterd.quarantine.notify",
-               "filterd.frontends.reinject", "smtplib", "email.utils", "email.parser",
-               "email.policy", "email.headerregistry", "email._header_value_parser", "getpass",
-               "encodings.idna", "filterd.bayes.api")
+               "filterd.frontends.reinject", "filterd.bayes.api")
 _BAYES = ("filterd.stores", "filterd.stores.sqlite", "filterd.stores.redis", "filterd.bayes",
-          "filterd.message", "filterd.message.sources", "gzip", "tempfile", "datetime")
+          "filterd.message", "filterd.message.sources")
+_EVERYTHING = ("filterd.*",)
 STATE_MODULES = {
-    "quarantine": _QUARANTINE + _BAYES,
-    "bayes": _BAYES,
-    "learn": _BAYES,
-    "scan": _BAYES + _QUARANTINE + ("filterd.service",),
+    "quarantine": _LAZY_STDLIB + _QUARANTINE + _BAYES,
+    "bayes": _LAZY_STDLIB + _BAYES,
+    "learn": _LAZY_STDLIB + _BAYES,
     "reload": ("filterd.control",),
     "status": ("filterd.control",),
 }
+
 
 EPILOG = """\
 Global options go before the subcommand: filterd --config FILE --state-dir DIR serve
@@ -90,7 +93,8 @@ def load_settings(args: argparse.Namespace, *, as_state_owner: bool = True):
     if as_state_owner:
         try:
             statefs.become_state_owner(settings.state_dir,
-                                       STATE_MODULES.get(getattr(args, "command", ""), ()))
+                                       STATE_MODULES.get(getattr(args, "command", ""),
+                                                         _LAZY_STDLIB + _EVERYTHING))
         except statefs.SwitchError as exc:
             print(f"filterd: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
