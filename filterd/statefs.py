@@ -366,6 +366,27 @@ def import_failure_hint(exc: ImportError) -> str | None:
             f"read it (not under /root), or run the command as {switched_to}")
 
 
+def unreadable_inputs(paths: Iterable[str]) -> dict[str, str]:
+    """After a switch, the admin's input paths this process cannot read, with why (for learn
+    and scan, which then leave them out)."""
+    if switched_to is None:
+        return {}
+    out = {}
+    for p in paths:
+        try:
+            is_dir = stat.S_ISDIR(os.stat(p).st_mode)
+            readable = os.access(p, os.R_OK | (os.X_OK if is_dir else 0))
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            readable = False
+        if not readable:
+            out[p] = (f"{p}: not readable by {switched_to}: run as root, this command works as "
+                      f"{switched_to}, the owner of the state directory; copy it where "
+                      f"{switched_to} can read it; skipped")
+    return out
+
+
 def _preload(module: str) -> None:
     """Import `module`, or with "pkg.*" every module of the package."""
     names = [module]
@@ -393,4 +414,4 @@ def _installation_dirs() -> list[str]:
 
 
 __all__ = ["Dir", "UnsafeFile", "SwitchError", "check", "sqlite_file", "become_state_owner",
-           "import_failure_hint", "user_name", "DIR_MODE", "FILE_MODE", "SQLITE_SUFFIXES"]
+           "import_failure_hint", "unreadable_inputs", "user_name", "DIR_MODE", "FILE_MODE", "SQLITE_SUFFIXES"]

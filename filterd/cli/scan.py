@@ -86,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
     from filterd.ruleset import RulesetError
     from filterd.service import Scanner
 
+    from filterd.statefs import unreadable_inputs
+
     settings = load_settings(args)
+    unreadable = unreadable_inputs(args.paths)
+    for problem in unreadable.values():
+        print(f"filterd: {problem}", file=sys.stderr)
     try:
         scanner = Scanner(settings)
     except RulesetError as exc:
@@ -94,12 +99,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     envelope = Envelope(mail_from=args.mail_from, rcpt_tos=tuple(args.rcpt),
                         client_ip=args.client_ip, listener="scan")
-    errors = 0
+    errors = len(unreadable)
 
     async def go() -> None:
         nonlocal errors
         scanner.start_services()
-        for item in iter_messages(args.paths):
+        for item in iter_messages([p for p in args.paths if p not in unreadable]):
             if item.data is None:
                 errors += 1
                 print(f"filterd: {item.name}: {item.error}", file=sys.stderr)
