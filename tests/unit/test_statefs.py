@@ -317,3 +317,28 @@ def test_fifo_and_foreign_files_are_refused_without_blocking(tmp_path):
     os.symlink(tmp_path / "theirs", tmp_path / "db.sqlite")
     with pytest.raises(UnsafeFile, match="symbolic link"):
         sqlite_file(tmp_path / "db.sqlite")
+
+
+def test_root_refuses_sqlite_in_a_directory_another_user_owns(tmp_path):
+    from filterd.quarantine.index import Index
+    from filterd.stores import StoreError
+    from filterd.stores.sqlite import SqliteTokenStore
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    with pytest.raises(UnsafeFile, match="owned by nobody"):
+        Index(theirs / "index.sqlite").ids()
+    with pytest.raises(StoreError, match="owned by nobody"):
+        SqliteTokenStore(theirs / "bayes.sqlite")
+    assert os.listdir(theirs) == []
+
+
+def test_learn_as_root_names_inputs_the_owner_cannot_read(world):
+    private = world.base / "private"
+    private.mkdir(mode=0o700)
+    (private / "spam.eml").write_bytes(b"From: s@example.net\nSubject: x\n\nbuy now\n")
+    readable = message_file(world)
+    proc = world.run("learn", "--spam", str(private / "spam.eml"), str(readable))
+    assert proc.returncode == 1
+    assert f"{private / 'spam.eml'}: not readable by nobody" in proc.stderr.decode()
+    assert b"learned 1 as spam" in proc.stdout  # the readable one still learned
