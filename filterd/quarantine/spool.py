@@ -79,30 +79,35 @@ class SpoolStore:
     def __init__(self, directory: Path | str):
         self.dir = Path(directory)
         self.index = Index(self.dir / "index.sqlite")
-        self._root: Dir | None = None
-        self._root_lock = threading.Lock()
+        self._made = False
+        self._made_lock = threading.Lock()
 
     # --- directories -----------------------------------------------------------------------
-    def _prepare(self) -> Dir:
-        """The spool's own descriptor (opened once per store), with keys/ and locks/ made."""
-        root = self._root
-        if root is None:
-            with self._root_lock:
-                if self._root is None:
-                    root = Dir.open(self.dir, create=True)
-                    try:
-                        for sub in ("keys", "locks"):
-                            root.sub(sub, create=True).close()
-                    except BaseException:
-                        root.close()
-                        raise
-                    self._root = root
-                root = self._root
-        return root
+    def _prepare(self) -> None:
+        """Make the spool with keys/ and locks/ (once per store)."""
+        if self._made:
+            return
+        with self._made_lock:
+            if not self._made:
+                with Dir.open(self.dir, create=True) as root:
+                    for sub in ("keys", "locks"):
+                        root.sub(sub, create=True).close()
+                self._made = True
+
+    def _root(self) -> Dir:
+        """The spool's descriptor, opened afresh for each operation: a descriptor kept open
+        would go on writing to a directory that has since been remounted read-only or
+        replaced, instead of failing (and tempfailing the message) as the path does."""
+        self._prepare()
+        return Dir.open(self.dir)
+
+    def _sub(self, name: str, *, create: bool = False) -> Dir:
+        with self._root() as root:
+            return root.sub(name, create=create)
 
     def _day(self, item_id: str, *, create: bool = False) -> Dir:
         check_id(item_id)
-        return self._prepare().sub(item_id[:8], create=create)
+        return self._sub(item_id[:8], create=create)
 
     def _path(self, item_id: str, suffix: str) -> Path:
         return self.dir / item_id[:8] / f"{item_id}{suffix}"
@@ -140,7 +145,7 @@ class SpoolStore:
         key = hashlib.sha256(f"{queue_id}\0{digest}".encode()).hexdigest()
         candidate = new_id()
         tmp = f".tmp.{key}.{os.getpid()}.{secrets.token_hex(4)}"
-        with self._prepare().sub("keys") as keys:
+        with self._sub("keys") as keys:
             keys.write_durably(tmp, candidate.encode())
             try:
                 keys.link(tmp, key)  # atomic "create if absent"
@@ -222,7 +227,7 @@ class SpoolStore:
         """Serialise state changes of one item across threads and processes."""
         check_id(item_id)
         try:
-            with self._prepare().sub("locks") as locks:
+            with self._sub("locks") as locks:
                 fd = locks.open_file(f"{item_id}.lock", os.O_RDWR | os.O_CREAT)
         except UnsafeFile as exc:
             raise QuarantineError(f"{item_id}: {exc}; nothing done") from None
@@ -263,7 +268,7 @@ class SpoolStore:
                 day.unlink(f"{item_id}.json")  # sidecar first: from here on it is not an item
                 day.unlink(f"{item_id}.eml", missing_ok=True)
                 day.fsync()
-            with self._prepare().sub("locks") as locks:
+            with self._sub("locks") as locks:
                 locks.unlink(f"{item_id}.lock", missing_ok=True)
         except FileNotFoundError:
             raise NoSuchItem(item_id) from None
@@ -276,29 +281,28 @@ class SpoolStore:
     # --- housekeeping ----------------------------------------------------------------------
     def _days(self) -> list[str]:
         """Names of the day directories; a link or other file in their place is skipped."""
-        root = self._prepare()
         days = []
-        for name in root.names():
-            if len(name) != 8 or not name.isdigit():
-                continue
-            kind = stat.S_IFMT(root.lstat(name).st_mode)
-            if kind == stat.S_IFDIR:
-                days.append(name)
-            else:
-                log.warning("quarantine: ignoring %s: not a directory (links in the spool are "
-                            "never followed)", self.dir / name)
+        with self._root() as root:
+            for name in root.names():
+                if len(name) != 8 or not name.isdigit():
+                    continue
+                kind = stat.S_IFMT(root.lstat(name).st_mode)
+                if kind == stat.S_IFDIR:
+                    days.append(name)
+                else:
+                    log.warning("quarantine: ignoring %s: not a directory (links in the spool "
+                                "are never followed)", self.dir / name)
         return days
 
     def expire(self, before: float) -> list[str]:
         """Delete items quarantined before `before` and sweep crash leftovers."""
-        root = self._prepare()
         expired: list[str] = []
         now = time.time()
         last_day = time.strftime("%Y%m%d", time.gmtime(before))
         for day_name in self._days():
             if day_name > last_day:
                 break
-            with root.sub(day_name) as day:
+            with self._sub(day_name) as day:
                 names = day.names()
                 for name in names:
                     try:
@@ -327,10 +331,11 @@ class SpoolStore:
                     elif name.startswith(".tmp.") and age > TMP_AGE:
                         day.unlink(name, missing_ok=True)
             try:
-                root.rmdir(day_name)  # only when empty
+                with self._root() as root:
+                    root.rmdir(day_name)  # only when empty
             except OSError:
                 pass
-        with root.sub("keys") as keys:
+        with self._sub("keys") as keys:
             for name in keys.names():
                 try:
                     mtime = keys.lstat(name).st_mtime
@@ -344,10 +349,9 @@ class SpoolStore:
                  ) -> Iterator[tuple[Path, dict[str, Any] | None, str]]:
         """Every sidecar of the spool (of the newest `days` day directories): (path, metadata
         or None, problem)."""
-        root = self._prepare()
         names = self._days()
         for day_name in names[-days:] if days else names:
-            with root.sub(day_name) as day:
+            with self._sub(day_name) as day:
                 for name in day.names():
                     if not name.endswith(".json") or not ID_PATTERN.match(name[:-5]):
                         continue
@@ -399,17 +403,18 @@ class SpoolStore:
 
     def read_state(self, name: str) -> bytes:
         """A small file of the spool's own (e.g. the digest schedule); FileNotFoundError."""
-        return self._prepare().read(name, limit=1 << 20)
+        with self._root() as root:
+            return root.read(name, limit=1 << 20)
 
     def write_state(self, name: str, data: bytes) -> None:
-        root = self._prepare()
-        root.write_durably(name, data)
-        root.fsync()
+        with self._root() as root:
+            root.write_durably(name, data)
+            root.fsync()
 
     def writable(self) -> bool:
         """Whether a new item could be created now (for health checks)."""
         try:
-            with self._prepare().sub("keys") as keys:
+            with self._sub("keys") as keys:
                 probe = f".tmp.probe.{os.getpid()}"
                 keys.write_durably(probe, b"")
                 keys.unlink(probe)
