@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import logging
 import os
 import pkgutil
 import pwd
@@ -32,6 +33,8 @@ import stat
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
+
+log = logging.getLogger("filterd.statefs")
 
 DIR_MODE = 0o750
 FILE_MODE = 0o640
@@ -310,6 +313,43 @@ def sqlite_file(path: Path | str, *, create: bool = True) -> Path:
     return path
 
 
+# --- the daemon's start as root ----------------------------------------------------------------
+
+def hand_over(top: Path | str, uid: int, gid: int) -> None:
+    """Give the tree under `top` to uid:gid (root, at `filterd serve` start, before switching
+    to daemon.user), by descriptor: `top` is root's configuration and followed, nothing below it
+    is; links are changed themselves, never their targets, and a file with more than one hard
+    link (it could be a host file linked in) is left alone."""
+    fd = os.open(top, _DIR_FLAGS)
+    try:
+        os.fchown(fd, uid, gid)
+        _hand_over_below(fd, Path(top), uid, gid, depth=0)
+    finally:
+        os.close(fd)
+
+
+def _hand_over_below(dir_fd: int, path: Path, uid: int, gid: int, depth: int) -> None:
+    if depth > 16:  # the state is a few levels deep; deeper is not ours to walk
+        return
+    for name in os.listdir(dir_fd):
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                fd = _open_nofollow(dir_fd, name, _DIR_FLAGS, str(path / name))
+                try:
+                    os.fchown(fd, uid, gid)
+                    _hand_over_below(fd, path / name, uid, gid, depth + 1)
+                finally:
+                    os.close(fd)
+            elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                log.warning("not handing %s to uid %d: it has %d hard links", path / name, uid,
+                            st.st_nlink)
+            else:
+                os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            pass  # vanished or refused: the daemon reports what it cannot use later
+
+
 # --- the CLI's switch to the owner ----------------------------------------------------------
 
 def become_state_owner(state_dir: Path | str, preload: Iterable[str] = ()) -> str | None:
@@ -414,4 +454,4 @@ def _installation_dirs() -> list[str]:
 
 
 __all__ = ["Dir", "UnsafeFile", "SwitchError", "check", "sqlite_file", "become_state_owner",
-           "import_failure_hint", "unreadable_inputs", "user_name", "DIR_MODE", "FILE_MODE", "SQLITE_SUFFIXES"]
+           "import_failure_hint", "unreadable_inputs", "hand_over", "user_name", "DIR_MODE", "FILE_MODE", "SQLITE_SUFFIXES"]

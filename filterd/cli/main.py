@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 from filterd import __version__
 
@@ -83,7 +84,7 @@ def load_settings(args: argparse.Namespace, *, as_state_owner: bool = True):
     another user owns, the command continues as that user (filterd.statefs): every state file
     it opens, SQLite's -wal/-shm/-journal included, is then opened with the owner's rights only.
     `serve` passes as_state_owner=False: the daemon switches to daemon.user itself."""
-    from filterd import config, statefs
+    from filterd import config
     from filterd.ruleset import configure_compile_cache
     try:
         settings = config.load(args.config, state_dir=args.state_dir)
@@ -91,15 +92,22 @@ def load_settings(args: argparse.Namespace, *, as_state_owner: bool = True):
         print(f"filterd: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     if as_state_owner:
-        try:
-            statefs.become_state_owner(settings.state_dir,
-                                       STATE_MODULES.get(getattr(args, "command", ""),
-                                                         _LAZY_STDLIB + _EVERYTHING))
-        except statefs.SwitchError as exc:
-            print(f"filterd: {exc}", file=sys.stderr)
-            raise SystemExit(1) from None
+        become_state_owner(settings, args)
     configure_compile_cache(settings.compile_cache_dir)
     return settings
+
+
+def become_state_owner(settings: Any, args: argparse.Namespace) -> None:
+    """Run as root, continue as the owner of the state directory (filterd.statefs); raises
+    SystemExit(1) when the switch fails."""
+    from filterd import statefs
+    try:
+        statefs.become_state_owner(settings.state_dir,
+                                   STATE_MODULES.get(getattr(args, "command", ""),
+                                                     _LAZY_STDLIB + _EVERYTHING))
+    except statefs.SwitchError as exc:
+        print(f"filterd: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -342,3 +342,26 @@ def test_learn_as_root_names_inputs_the_owner_cannot_read(world):
     assert proc.returncode == 1
     assert f"{private / 'spam.eml'}: not readable by nobody" in proc.stderr.decode()
     assert b"learned 1 as spam" in proc.stdout  # the readable one still learned
+
+
+def test_serve_start_hands_the_state_over_without_following_links(tmp_path):
+    from filterd.statefs import hand_over
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    host_file = outside / "host-file"
+    host_file.write_bytes(MARKER)
+    (outside / "host-dir").mkdir()
+    state = tmp_path / "state"
+    (state / "quarantine" / "20261122").mkdir(parents=True)
+    (state / "quarantine" / "20261122" / "x.json").write_bytes(b"{}")
+    (state / "bayes.sqlite").write_bytes(b"")
+    (state / "link-to-file").symlink_to(host_file)
+    (state / "rules-cache").symlink_to(outside / "host-dir")
+    os.link(host_file, state / "hard-link")
+    hand_over(state, NOBODY, NOBODY)
+    for path in (state, state / "quarantine", state / "quarantine" / "20261122",
+                 state / "quarantine" / "20261122" / "x.json", state / "bayes.sqlite",
+                 state / "link-to-file", state / "rules-cache"):
+        assert os.lstat(path).st_uid == NOBODY, path
+    for path in (outside, host_file, outside / "host-dir"):
+        assert os.lstat(path).st_uid == 0, path
