@@ -30,7 +30,6 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import logging
-import os
 import re
 import stat
 import threading
