@@ -365,3 +365,18 @@ def test_serve_start_hands_the_state_over_without_following_links(tmp_path):
         assert os.lstat(path).st_uid == NOBODY, path
     for path in (outside, host_file, outside / "host-dir"):
         assert os.lstat(path).st_uid == 0, path
+
+
+def test_bayes_backup_as_root_writes_as_the_owner_and_says_so(world):
+    assert world.run("learn", "--spam", str(message_file(world))).returncode == 0
+    private = world.base / "private"
+    private.mkdir(mode=0o700)
+    proc = world.run("bayes", "backup", str(private / "b.gz"))
+    assert proc.returncode == 1 and os.listdir(private) == []
+    assert "works as nobody, the owner of the state directory" in proc.stderr.decode()
+    proc = world.run("bayes", "backup", "-")
+    assert proc.returncode == 0 and proc.stdout[:2] == b"\x1f\x8b"  # gzip on stdout
+    backup = private / "b.gz"
+    backup.write_bytes(proc.stdout)   # root-only; restore reads it before switching
+    proc = world.run("bayes", "restore", str(backup))
+    assert proc.returncode == 0 and b"restored 1 spam" in proc.stdout, proc.stderr
