@@ -51,6 +51,8 @@ STATE_MODULES = {
 EPILOG = """\
 Global options go before the subcommand: filterd --config FILE --state-dir DIR serve
 Settings are documented by `filterd config show`; the rule set by `filterd rules --help`.
+Run as root, every command but serve works as the owner of the state directory and follows no
+link inside it (docs/quarantine.md, "Running the CLI as root").
 """
 
 
