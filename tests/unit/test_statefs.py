@@ -380,3 +380,16 @@ def test_bayes_backup_as_root_writes_as_the_owner_and_says_so(world):
     backup.write_bytes(proc.stdout)   # root-only; restore reads it before switching
     proc = world.run("bayes", "restore", str(backup))
     assert proc.returncode == 0 and b"restored 1 spam" in proc.stdout, proc.stderr
+
+
+def test_planted_sidecar_link_is_not_read(world, sink):
+    sidecar = world.day / f"{world.item}.json"
+    forged = world.target("forged.json", sidecar.read_bytes().replace(
+        b'"subject": "held"', b'"subject": "' + MARKER + b'"'), mode=0o644)
+    assert world.run("quarantine", "list").returncode == 0  # indexed while it was real
+    world.plant(sidecar, forged)
+    for argv in (["show", world.item], ["show", "--json", world.item], ["list"],
+                 ["release", world.item]):
+        err = refused(world.run("quarantine", *argv))
+        assert f"{world.item}.json" in err
+    assert sink.messages == []
