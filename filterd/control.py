@@ -2,6 +2,10 @@
 
 A unix socket (mode 0600) under the state directory; one JSON request line, one JSON reply
 line. Commands: status, reload. Only the daemon's user and root can connect.
+Trusts: the configured path (control.socket), not what the daemon's account may have put there:
+the daemon binds under umask 0177 and never chmods by path; a client (the CLI, which switched to
+the state directory's owner when run as root) talks only to a socket, not a link, owned by the
+user it runs as (filterd.statefs).
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ import asyncio
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from filterd.modes import CONTROL_SOCKET_MODE, set_socket_mode
+from filterd.statefs import UnsafeFile, check
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -44,15 +50,23 @@ async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
     finally:
         os.umask(old_umask)
     try:
+        check_socket(path)
         set_socket_mode(path, CONTROL_SOCKET_MODE)
-    except OSError:
+    except OSError:  # UnsafeFile included
         server.close()
         raise
     return server
 
 
+def check_socket(path: Path) -> None:
+    """Raise UnsafeFile unless `path` is a socket (not a link) owned by this process's user."""
+    check(os.lstat(path), path, stat.S_IFSOCK)
+
+
 def request(path: Path, command: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
-    """Send one command to the daemon; raises OSError when it is not running."""
+    """Send one command to the daemon; raises OSError when it is not running (UnsafeFile
+    when the path is a link or someone else's socket)."""
+    check_socket(path)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))

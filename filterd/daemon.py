@@ -22,6 +22,7 @@ from typing import Any
 from filterd import __version__
 from filterd.ruleset import RulesetError
 from filterd.service import PERIODIC_TASKS, Scanner
+from filterd.statefs import hand_over
 
 log = logging.getLogger("filterd.daemon")
 
@@ -43,14 +44,10 @@ def prepare_state_dir(settings: Any) -> None:
         log.warning("user %r does not exist; running as root (create it: "
                     "useradd --system --home %s filterd)", settings.daemon.user, state)
         return
+    # by descriptor: the daemon's account may have planted links in its state (filterd.statefs)
     for path in (state, settings.quarantine_dir):
-        os.chown(path, user.pw_uid, user.pw_gid)
-    for root, dirs, files in os.walk(state):
-        for name in dirs + files:
-            try:
-                os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid, follow_symlinks=False)
-            except OSError:
-                pass
+        if path == state or state not in path.parents:
+            hand_over(path, user.pw_uid, user.pw_gid)
     os.setgroups([])
     os.setgid(user.pw_gid)
     os.setuid(user.pw_uid)

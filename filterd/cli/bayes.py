@@ -186,7 +186,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
             os.unlink(tmp)
             raise
     except (OSError, StoreError) as exc:
-        print(f"filterd bayes backup: {exc}", file=sys.stderr)
+        from filterd import statefs
+        hint = ""
+        if isinstance(exc, PermissionError) and statefs.switched_to:
+            hint = (f" (run as root, this command works as {statefs.switched_to}, the owner of "
+                    f"the state directory: write where {statefs.switched_to} may, or give '-' "
+                    "and redirect)")
+        print(f"filterd bayes backup: {exc}{hint}", file=sys.stderr)
         return 1
     finally:
         store.close()

@@ -1,25 +1,25 @@
 """`filterd dkim genkey DOMAIN SELECTOR [--type rsa|ed25519]`: make a signing key, print its DNS record.
 
-Writes <dkim.keys_dir>/<DOMAIN>/<SELECTOR>.key (mode 0600, owned by daemon.user when run as
-root; tmp file, fsync, rename) and <SELECTOR>.txt holding the DNS TXT record, then prints the
+Writes <dkim.keys_dir>/<DOMAIN>/<SELECTOR>.key (mode 0600; run as root, as the owner of the
+state directory, see docs/quarantine.md; tmp file, fsync, rename, never through a link) and <SELECTOR>.txt holding the DNS TXT record, then prints the
 record in zone-file form, split into 255-byte strings as DNS requires. An existing key is never
 overwritten without --force.
 
 RSA keys (2048 bits by default) are made with openssl (PKCS#1, the form dkimpy reads); Ed25519
 keys (RFC 8463) with PyNaCl, which dkimpy also needs to sign with them.
-Settings read: dkim.keys_dir, daemon.state_dir, daemon.user.
+Settings read: dkim.keys_dir, daemon.state_dir.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import os
-import pwd
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from filterd.statefs import Dir
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -68,17 +68,6 @@ def txt_record(domain: str, selector: str, key_type: str, public: str) -> str:
     return f"{selector}._domainkey.{domain}. 3600 IN TXT ( {quoted} )"
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def genkey(args: argparse.Namespace) -> int:
     from filterd.actions.dkim_sign import keys_dir
     from filterd.cli.main import load_settings
@@ -97,28 +86,23 @@ def genkey(args: argparse.Namespace) -> int:
     base = Path(args.keys_dir) if args.keys_dir else keys_dir(settings)
     directory = base / domain
     key_path = directory / f"{selector}.key"
-    if key_path.exists() and not args.force:
-        print(f"filterd dkim: {key_path} exists; use --force to replace it (and update DNS)",
-              file=sys.stderr)
-        return 1
     try:
-        private, public = make_rsa(args.bits) if args.type == "rsa" else make_ed25519()
-    except (OSError, subprocess.CalledProcessError, ImportError) as exc:
-        print(f"filterd dkim: cannot make the key: {exc}", file=sys.stderr)
-        return 1
-    record = txt_record(domain, selector, args.type, public)
-    try:
-        directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-        _write(key_path, private, 0o600)
-        _write(directory / f"{selector}.txt", (record + "\n").encode(), 0o644)
-        if os.geteuid() == 0 and settings.daemon.user:
+        # run as root the CLI already works as the state directory's owner (cli.main); the
+        # keys directory is the daemon's, so nothing in it is followed (filterd.statefs)
+        with Dir.open(base, create=True) as keys, keys.sub(domain, create=True) as dom:
+            if dom.exists(f"{selector}.key") and not args.force:
+                print(f"filterd dkim: {key_path} exists; use --force to replace it (and update "
+                      f"DNS)", file=sys.stderr)
+                return 1
             try:
-                user = pwd.getpwnam(settings.daemon.user)
-            except KeyError:
-                user = None
-            if user is not None:
-                for path in (base, directory, key_path, directory / f"{selector}.txt"):
-                    os.chown(path, user.pw_uid, user.pw_gid)
+                private, public = make_rsa(args.bits) if args.type == "rsa" else make_ed25519()
+            except (OSError, subprocess.CalledProcessError, ImportError) as exc:
+                print(f"filterd dkim: cannot make the key: {exc}", file=sys.stderr)
+                return 1
+            record = txt_record(domain, selector, args.type, public)
+            dom.write_durably(f"{selector}.key", private, 0o600)
+            dom.write_durably(f"{selector}.txt", (record + "\n").encode(), 0o644)
+            dom.fsync()
     except OSError as exc:
         print(f"filterd dkim: cannot write {key_path}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -85,8 +85,14 @@ def run(args: argparse.Namespace) -> int:
     from filterd.message.sources import iter_messages
     from filterd.stores import LearnResult, StoreError, open_token_store
 
+    from filterd.statefs import unreadable_inputs
+
     settings = load_settings(args)
     label = None if args.label == "forget" else args.label
+    unreadable = unreadable_inputs(args.paths)
+    for problem in unreadable.values():
+        print(f"filterd learn: {problem}", file=sys.stderr)
+    paths = [p for p in args.paths if p not in unreadable]
     try:
         store = open_token_store(settings)
     except StoreError as exc:
@@ -100,11 +106,11 @@ def run(args: argparse.Namespace) -> int:
     learner = Learner(Bayes.from_settings(settings, store), batch_size=settings.bayes.batch_size,
                       on_result=on_result)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
-    progress = Progress(bool(show) and not args.quiet, count_files(args.paths) if show else None)
+    progress = Progress(bool(show) and not args.quiet, count_files(paths) if show else None)
     started = time.monotonic()
     done = 0
     try:
-        for item in iter_messages(args.paths):
+        for item in iter_messages(paths):
             done += 1
             if item.data is None:
                 _problem(progress, f"{item.name}: unreadable: {item.error}")
@@ -153,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         if store_stats is not None:
             print(f"database: {store_stats.nspam} spam, {store_stats.nham} ham, "
                   f"{store_stats.ntokens} tokens ({store_stats.location})")
-    return 1 if counts["skipped"] else 0
+    return 1 if counts["skipped"] or unreadable else 0
 
 
 def _problem(progress: Progress, text: str) -> None:

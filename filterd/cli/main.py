@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 from filterd import __version__
 
@@ -28,9 +29,31 @@ COMMANDS = (
     "filterd.cli.policy",
 )
 
+# What a command imports after load_settings() switched from root to the state directory's
+# owner, who may not be able to read the installation (a Python under /root): imported first.
+# "filterd.*" is every module of filterd (the commands that load the rule set reach most).
+_LAZY_STDLIB = ("unicodedata", "stringprep", "encodings.idna", "email.utils", "email.parser",
+                "email.policy", "email.headerregistry", "email._header_value_parser", "getpass",
+                "smtplib", "gzip", "tempfile", "datetime")
+_QUARANTINE = ("filterd.quarantine", "filterd.quarantine.service", "filterd.quarantine.notify",
+               "filterd.frontends.reinject", "filterd.bayes.api")
+_BAYES = ("filterd.stores", "filterd.stores.sqlite", "filterd.stores.redis", "filterd.bayes",
+          "filterd.message", "filterd.message.sources")
+_EVERYTHING = ("filterd.*",)
+STATE_MODULES = {
+    "quarantine": _LAZY_STDLIB + _QUARANTINE + _BAYES,
+    "bayes": _LAZY_STDLIB + _BAYES,
+    "learn": _LAZY_STDLIB + _BAYES,
+    "reload": ("filterd.control",),
+    "status": ("filterd.control",),
+}
+
+
 EPILOG = """\
 Global options go before the subcommand: filterd --config FILE --state-dir DIR serve
 Settings are documented by `filterd config show`; the rule set by `filterd rules --help`.
+Run as root, every command but serve works as the owner of the state directory and follows no
+link inside it (docs/quarantine.md, "Running the CLI as root").
 """
 
 
@@ -59,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_settings(args: argparse.Namespace):  # -> Settings; raises SystemExit(1) on error
+def load_settings(args: argparse.Namespace, *, as_state_owner: bool = True):
+    """The settings (raises SystemExit(1) on error). Run as root against a state directory
+    another user owns, the command continues as that user (filterd.statefs): every state file
+    it opens, SQLite's -wal/-shm/-journal included, is then opened with the owner's rights only.
+    `serve` passes as_state_owner=False: the daemon switches to daemon.user itself."""
     from filterd import config
     from filterd.ruleset import configure_compile_cache
     try:
@@ -67,8 +94,23 @@ def load_settings(args: argparse.Namespace):  # -> Settings; raises SystemExit(1
     except config.ConfigError as exc:
         print(f"filterd: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    if as_state_owner:
+        become_state_owner(settings, args)
     configure_compile_cache(settings.compile_cache_dir)
     return settings
+
+
+def become_state_owner(settings: Any, args: argparse.Namespace) -> None:
+    """Run as root, continue as the owner of the state directory (filterd.statefs); raises
+    SystemExit(1) when the switch fails."""
+    from filterd import statefs
+    try:
+        statefs.become_state_owner(settings.state_dir,
+                                   STATE_MODULES.get(getattr(args, "command", ""),
+                                                     _LAZY_STDLIB + _EVERYTHING))
+    except statefs.SwitchError as exc:
+        print(f"filterd: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except ImportError as exc:
+        from filterd import statefs
+        hint = statefs.import_failure_hint(exc)
+        if hint is None:
+            raise
+        print(f"filterd: {hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """`filterd quarantine list|show|release|delete|expire|stats|reindex` (after amavisd-release,
 postsuper and postcat).
 
-Trusts: the operator (root or the daemon's user) and the spool named by the settings.
+Trusts: the operator (root or the daemon's user) and the spool named by the settings, not its
+contents: run as root, the command works as the spool's owner (cli.main.load_settings) and opens
+nothing in the spool through a link (filterd.statefs; docs/quarantine.md).
 Reads: quarantine.* and daemon.state_dir through the settings; FILTERD_CONFIG/FILTERD_STATE_DIR.
 Exit codes: 0 success; 1 failure or partial failure (each failing ID named on stderr with its
 cause); 2 usage (including a malformed ID: nothing is done then).

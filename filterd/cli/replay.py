@@ -70,11 +70,14 @@ class ReplayProgress:
 
 def _load(config_path: str | None, args: argparse.Namespace) -> Any:
     from filterd import config
+    from filterd.cli.main import become_state_owner
     try:
-        return config.load(config_path, state_dir=args.state_dir)
+        settings = config.load(config_path, state_dir=args.state_dir)
     except config.ConfigError as exc:
         print(f"filterd: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    become_state_owner(settings, args)  # the Scanner opens the Bayes database
+    return settings
 
 
 def _pct(value: float | None) -> str:

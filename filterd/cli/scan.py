@@ -90,7 +90,12 @@ def run(args: argparse.Namespace) -> int:
     from filterd.ruleset import RulesetError
     from filterd.service import Scanner
 
+    from filterd.statefs import unreadable_inputs
+
     settings = load_settings(args)
+    unreadable = unreadable_inputs(args.paths)
+    for problem in unreadable.values():
+        print(f"filterd: {problem}", file=sys.stderr)
     try:
         scanner = Scanner(settings)
     except RulesetError as exc:
@@ -98,12 +103,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     envelope = Envelope(mail_from=args.mail_from, rcpt_tos=tuple(args.rcpt),
                         client_ip=args.client_ip, listener="scan")
-    errors = 0
+    errors = len(unreadable)
 
     async def go() -> None:
         nonlocal errors
         scanner.start_services()
-        for item in iter_messages(args.paths):
+        for item in iter_messages([p for p in args.paths if p not in unreadable]):
             if item.data is None:
                 errors += 1
                 print(f"filterd: {visible(item.name)}: {visible(item.error)}", file=sys.stderr)

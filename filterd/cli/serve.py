@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from filterd.daemon import serve
     from filterd.ruleset import RulesetError
 
-    settings = load_settings(args)
+    settings = load_settings(args, as_state_owner=False)
     logsetup.setup(settings, level=args.log_level)
     try:
         return serve(settings)

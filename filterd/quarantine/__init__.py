@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from filterd.quarantine.spool import SpoolStore, new_id, write_durably
+from filterd.quarantine.spool import SpoolStore, new_id
 from filterd.quarantine.store import (
     CATEGORIES, SCHEMA_VERSION, STATES, InvalidId, Item, NoSuchItem, QuarantineError,
     QuarantineStore, Query, ReindexReport, StoredItem, category_of, check_id, sidecar)
@@ -77,5 +77,5 @@ def maintenance(settings: Any) -> dict[str, int]:
 
 __all__ = ["CATEGORIES", "STATES", "SCHEMA_VERSION", "QuarantineError", "InvalidId", "NoSuchItem",
            "QuarantineStore", "SpoolStore", "StoredItem", "Item", "Query", "ReindexReport",
-           "category_of", "check_id", "sidecar", "new_id", "write_durably", "open_store",
+           "category_of", "check_id", "sidecar", "new_id", "open_store",
            "maintenance", "MAINTENANCE_INTERVAL"]

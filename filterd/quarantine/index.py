@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from filterd.quarantine.store import Item, Query
+from filterd.statefs import sqlite_file
 
 BUSY_TIMEOUT = 30.0
 
@@ -81,6 +82,9 @@ class Index:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
+            # SQLite opens the -wal/-shm/-journal files by path: only the spool's owner may
+            # open it, and never through a planted link (filterd.statefs)
+            sqlite_file(self.path)
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
                                  check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")

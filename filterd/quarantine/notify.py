@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 from filterd.frontends.reinject import ReinjectError, Target, send
 from filterd.quarantine.service import iso
-from filterd.quarantine.spool import SpoolStore, write_durably
+from filterd.quarantine.spool import SpoolStore
 from filterd.quarantine.store import Item, NoSuchItem, QuarantineError, Query
 
 log = logging.getLogger("filterd.quarantine.notify")
@@ -120,9 +120,8 @@ def digests(settings: Any, store: SpoolStore, templates: Mapping[str, Any], now:
     hours = settings.quarantine.digest_hours
     if hours <= 0:
         return 0
-    state_path = store.dir / "digest-state.json"
     try:
-        last = float(json.loads(state_path.read_text())["last"])
+        last = float(json.loads(store.read_state("digest-state.json"))["last"])
     except (OSError, ValueError, KeyError, TypeError):
         last = now - hours * 3600
     if now - last < hours * 3600:
@@ -144,7 +143,7 @@ def digests(settings: Any, store: SpoolStore, templates: Mapping[str, Any], now:
             sent += 1
         except ReinjectError as exc:
             log.warning("quarantine digest for %s not sent: %s", rcpt, exc)
-    write_durably(state_path, json.dumps({"last": now}).encode())
+    store.write_state("digest-state.json", json.dumps({"last": now}).encode())
     return sent
 
 

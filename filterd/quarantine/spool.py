@@ -1,7 +1,8 @@
 """The embedded quarantine backend: a spool directory of pristine messages plus JSON sidecars.
 
-Trusts: the spool directory (created 0750, files 0640, owned by the daemon's user; when the CLI
-runs as root it hands what it creates to the spool's owner so the daemon can still read it).
+Trusts: the configured spool directory (created 0750, files 0640), which must be owned by the
+user this process runs as (the daemon's; the CLI run as root switches to it first), and not
+what is inside it: names are opened by descriptor, never through links (filterd.statefs).
 Reads: no settings directly (open_store() passes quarantine.dir). Emits: no symbols.
 
 Layout and states are the contract in quarantine/README.md. In short:
@@ -24,6 +25,8 @@ import json
 import logging
 import os
 import secrets
+import stat
+import threading
 import time
 from contextlib import contextmanager
 from email.parser import BytesHeaderParser
@@ -31,18 +34,16 @@ from email.policy import default as default_policy
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from filterd import modes
 from filterd.message import Envelope
 from filterd.policy import Verdict
 from filterd.quarantine.index import Index
 from filterd.quarantine.store import (
     ID_PATTERN, Item, NoSuchItem, QuarantineError, Query, ReindexReport, StoredItem, category_of,
     check_id, glob_match, sidecar)
+from filterd.statefs import Dir, UnsafeFile
 
 log = logging.getLogger("filterd.quarantine")
 
-DIR_MODE = modes.DIR_MODE     # the file-mode policy (filterd.modes), named here for the spool
-FILE_MODE = modes.FILE_MODE
 ORPHAN_AGE = 86400.0   # a .eml without sidecar this old is a crash leftover (put takes ms)
 TMP_AGE = 3600.0
 
@@ -51,40 +52,6 @@ def new_id(now: float | None = None) -> str:
     """Sortable, unguessable item ID: UTC time + 10 random hex digits, 20261122T101500-3f9a0c41d2."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now if now is not None else time.time()))
     return f"{stamp}-{secrets.token_hex(5)}"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes, mode: int = FILE_MODE,
-                  owner: tuple[int, int] | None = None) -> None:
-    """tmp -> write -> fsync -> rename over `path`; the caller fsyncs the directory."""
-    tmp = path.with_name(f".tmp.{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask must not decide who may read quarantined mail
-        if owner is not None:
-            os.fchown(fd, *owner)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def header_fields(raw: bytes) -> tuple[str, str]:
@@ -103,49 +70,47 @@ def header_fields(raw: bytes) -> tuple[str, str]:
 
 
 class SpoolStore:
-    """Embedded quarantine: files in one directory tree plus a SQLite index."""
+    """Embedded quarantine: files in one directory tree plus a SQLite index.
+
+    Every name below the spool directory is opened relative to a directory descriptor and never
+    through a link (filterd.statefs); a planted link, FIFO or file of another user makes the
+    operation fail with QuarantineError saying so, and nothing outside the spool is touched."""
 
     def __init__(self, directory: Path | str):
         self.dir = Path(directory)
         self.index = Index(self.dir / "index.sqlite")
-        self._owner: tuple[int, int] | None = None
-        self._ready = False
+        self._made = False
+        self._made_lock = threading.Lock()
 
-    # --- directories and ownership -----------------------------------------------------
+    # --- directories -----------------------------------------------------------------------
     def _prepare(self) -> None:
-        if self._ready:
+        """Make the spool with keys/ and locks/ (once per store)."""
+        if self._made:
             return
-        self._mkdir(self.dir)
-        st = self.dir.stat()
-        # root (the CLI) writing into a spool the daemon owns: give new files to the owner
-        if os.geteuid() == 0 and st.st_uid != 0:
-            self._owner = (st.st_uid, st.st_gid)
-        for sub in ("keys", "locks"):
-            self._mkdir(self.dir / sub)
-        index_path = self.dir / "index.sqlite"
-        if not index_path.exists():
-            fd = os.open(index_path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
-            try:
-                os.fchmod(fd, FILE_MODE)
-                if self._owner is not None:
-                    os.fchown(fd, *self._owner)
-            finally:
-                os.close(fd)
-        self._ready = True
+        with self._made_lock:
+            if not self._made:
+                with Dir.open(self.dir, create=True) as root:
+                    for sub in ("keys", "locks"):
+                        root.sub(sub, create=True).close()
+                self._made = True
 
-    def _mkdir(self, path: Path) -> None:
-        try:
-            path.mkdir(mode=DIR_MODE, parents=True)
-        except FileExistsError:
-            return
-        os.chmod(path, DIR_MODE)
-        if self._owner is not None:
-            os.chown(path, *self._owner)
+    def _root(self) -> Dir:
+        """The spool's descriptor, opened afresh for each operation: a descriptor kept open
+        would go on writing to a directory that has since been remounted read-only or
+        replaced, instead of failing (and tempfailing the message) as the path does."""
+        self._prepare()
+        return Dir.open(self.dir)
 
-    def _paths(self, item_id: str) -> tuple[Path, Path, Path]:
+    def _sub(self, name: str, *, create: bool = False) -> Dir:
+        with self._root() as root:
+            return root.sub(name, create=create)
+
+    def _day(self, item_id: str, *, create: bool = False) -> Dir:
         check_id(item_id)
-        day = self.dir / item_id[:8]
-        return day, day / f"{item_id}.eml", day / f"{item_id}.json"
+        return self._sub(item_id[:8], create=create)
+
+    def _path(self, item_id: str, suffix: str) -> Path:
+        return self.dir / item_id[:8] / f"{item_id}{suffix}"
 
     # --- storing ---------------------------------------------------------------------------
     def put(self, raw: bytes, envelope: Envelope, verdict: Verdict,
@@ -155,48 +120,49 @@ class SpoolStore:
         try:
             self._prepare()
             item_id, existing = self._claim(envelope.queue_id, digest)
-            day, eml, meta_path = self._paths(item_id)
-            if existing and meta_path.exists():
-                self._index_quietly(self._read_meta(meta_path))
-                return StoredItem(item_id, eml, False)
-            self._mkdir(day)
-            write_durably(eml, raw, owner=self._owner)
-            subject, message_id = header_fields(raw)
-            meta = sidecar(item_id, raw, digest, envelope, verdict,
-                           category or category_of(verdict), subject=subject,
-                           message_id=message_id)
-            write_durably(meta_path, _dump(meta), owner=self._owner)
-            fsync_dir(day)
-        except OSError as exc:
-            raise QuarantineError(f"cannot store in {self.dir}: {exc.strerror or exc}") from exc
+            eml_path = self._path(item_id, ".eml")
+            with self._day(item_id, create=True) as day:
+                if existing and day.exists(f"{item_id}.json"):
+                    self._index_quietly(_read_meta(day, f"{item_id}.json"))
+                    return StoredItem(item_id, eml_path, False)
+                day.write_durably(f"{item_id}.eml", raw)
+                subject, message_id = header_fields(raw)
+                meta = sidecar(item_id, raw, digest, envelope, verdict,
+                               category or category_of(verdict), subject=subject,
+                               message_id=message_id)
+                day.write_durably(f"{item_id}.json", _dump(meta))
+                day.fsync()
+        except (OSError, ValueError) as exc:
+            raise QuarantineError(f"cannot store in {self.dir}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from exc
         self._index_quietly(meta)
-        return StoredItem(item_id, eml, True)
+        return StoredItem(item_id, eml_path, True)
 
     def _claim(self, queue_id: str | None, digest: str) -> tuple[str, bool]:
         """The ID for this message: a fresh one, or the one a marker of an earlier try names."""
         if not queue_id:
             return new_id(), False
         key = hashlib.sha256(f"{queue_id}\0{digest}".encode()).hexdigest()
-        marker = self.dir / "keys" / key
         candidate = new_id()
-        tmp = marker.with_name(f".tmp.{key}.{os.getpid()}.{secrets.token_hex(4)}")
-        write_durably(tmp, candidate.encode(), owner=self._owner)
-        try:
-            os.link(tmp, marker)  # atomic "create if absent"
-            fsync_dir(marker.parent)
-            return candidate, False
-        except FileExistsError:
+        tmp = f".tmp.{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        with self._sub("keys") as keys:
+            keys.write_durably(tmp, candidate.encode())
             try:
-                named = marker.read_text().strip()
-            except OSError:
-                named = ""
-            if ID_PATTERN.match(named):
-                return named, True
-            os.replace(tmp, marker)  # a damaged marker: take it over
-            fsync_dir(marker.parent)
-            return candidate, False
-        finally:
-            tmp.unlink(missing_ok=True)
+                keys.link(tmp, key)  # atomic "create if absent"
+                keys.fsync()
+                return candidate, False
+            except FileExistsError:
+                try:
+                    named = keys.read(key, limit=64).decode("ascii").strip()
+                except (OSError, UnicodeDecodeError):  # a link or a damaged marker
+                    named = ""
+                if ID_PATTERN.match(named):
+                    return named, True
+                keys.replace(tmp, key)  # a damaged marker: take it over (a link is replaced)
+                keys.fsync()
+                return candidate, False
+            finally:
+                keys.unlink(tmp, missing_ok=True)
 
     def _index_quietly(self, meta: dict[str, Any]) -> None:
         # The sidecar is the truth and is already durable; a failing index only delays
@@ -208,32 +174,40 @@ class SpoolStore:
             log.error("quarantine index update for %s failed (run `filterd quarantine "
                       "reindex`): %s", meta.get("id"), exc)
 
-    # --- reading ---------------------------------------------------------------------------
-    @staticmethod
-    def _read_meta(path: Path) -> dict[str, Any]:
-        with open(path, "rb") as fh:
-            meta = json.loads(fh.read())
-        if not isinstance(meta, dict) or not ID_PATTERN.match(str(meta.get("id", ""))):
-            raise ValueError("not a filterd quarantine sidecar")
-        return meta
-
-    def get(self, item_id: str) -> Item:
-        _, _, meta_path = self._paths(item_id)
+    def _unindex_quietly(self, item_id: str) -> None:
         try:
-            return Item.from_sidecar(self._read_meta(meta_path))
+            self.index.remove(item_id)
+        except Exception as exc:
+            log.error("quarantine index update for %s failed (run `filterd quarantine "
+                      "reindex`): %s", item_id, exc)
+
+    # --- reading ---------------------------------------------------------------------------
+    def get(self, item_id: str) -> Item:
+        try:
+            with self._day(item_id) as day:
+                return Item.from_sidecar(_read_meta(day, f"{item_id}.json"))
         except FileNotFoundError:
             raise NoSuchItem(item_id) from None
+        except UnsafeFile as exc:
+            raise QuarantineError(f"{item_id}: {exc}; nothing done") from None
         except (OSError, ValueError, KeyError) as exc:
             raise QuarantineError(f"{item_id}: unreadable sidecar: {exc}") from None
 
     def read_raw(self, item_id: str) -> bytes:
-        _, eml, meta_path = self._paths(item_id)
-        if not meta_path.exists():
-            raise NoSuchItem(item_id)
         try:
-            return eml.read_bytes()
+            with self._day(item_id) as day:
+                if not day.exists(f"{item_id}.json"):
+                    raise NoSuchItem(item_id)
+                try:
+                    return day.read(f"{item_id}.eml")
+                except FileNotFoundError:
+                    raise QuarantineError(f"{item_id}: the message file is missing") from None
         except FileNotFoundError:
-            raise QuarantineError(f"{item_id}: the message file is missing") from None
+            raise NoSuchItem(item_id) from None
+        except UnsafeFile as exc:
+            raise QuarantineError(f"{item_id}: {exc}; nothing done") from None
+        except OSError as exc:
+            raise QuarantineError(f"{item_id}: cannot read: {exc.strerror or exc}") from None
 
     def search(self, query: Query) -> list[Item]:
         self._prepare()
@@ -242,7 +216,7 @@ class SpoolStore:
             try:
                 items.append(self.get(item_id))
             except NoSuchItem:
-                self.index.remove(item_id)  # deleted behind the index's back
+                self._unindex_quietly(item_id)  # deleted behind the index's back
         if query.recipient is not None:  # the index lower-cases; keep globs exact
             items = [i for i in items if glob_match(query.recipient, i.rcpt_tos)]
         return items
@@ -252,11 +226,14 @@ class SpoolStore:
     def locked(self, item_id: str) -> Iterator[None]:
         """Serialise state changes of one item across threads and processes."""
         check_id(item_id)
-        self._prepare()
-        fd = os.open(self.dir / "locks" / f"{item_id}.lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
-            if self._owner is not None:
-                os.fchown(fd, *self._owner)
+            with self._sub("locks") as locks:
+                fd = locks.open_file(f"{item_id}.lock", os.O_RDWR | os.O_CREAT)
+        except UnsafeFile as exc:
+            raise QuarantineError(f"{item_id}: {exc}; nothing done") from None
+        except OSError as exc:
+            raise QuarantineError(f"{item_id}: cannot lock: {exc.strerror or exc}") from None
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
@@ -264,104 +241,129 @@ class SpoolStore:
 
     def update(self, item_id: str, change: Callable[[dict[str, Any]], None]) -> Item:
         """Rewrite the sidecar with `change` applied (call inside locked(item_id))."""
-        day, _, meta_path = self._paths(item_id)
         try:
-            meta = self._read_meta(meta_path)
+            with self._day(item_id) as day:
+                try:
+                    meta = _read_meta(day, f"{item_id}.json")
+                except FileNotFoundError:
+                    raise NoSuchItem(item_id) from None
+                change(meta)
+                day.write_durably(f"{item_id}.json", _dump(meta))
+                day.fsync()
         except FileNotFoundError:
             raise NoSuchItem(item_id) from None
-        change(meta)
-        try:
-            write_durably(meta_path, _dump(meta), owner=self._owner)
-            fsync_dir(day)
-        except OSError as exc:
-            raise QuarantineError(f"{item_id}: cannot update: {exc.strerror or exc}") from exc
+        except UnsafeFile as exc:
+            raise QuarantineError(f"{item_id}: {exc}; nothing done") from None
+        except (OSError, ValueError) as exc:
+            raise QuarantineError(f"{item_id}: cannot update: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from exc
         self._index_quietly(meta)
         return Item.from_sidecar(meta)
 
     def delete(self, item_id: str) -> None:
-        day, eml, meta_path = self._paths(item_id)
-        if not meta_path.exists():
-            raise NoSuchItem(item_id)
         try:
-            meta_path.unlink()  # sidecar first: from here on it is not an item
-            eml.unlink(missing_ok=True)
-            fsync_dir(day)
+            with self._day(item_id) as day:
+                if not day.exists(f"{item_id}.json"):
+                    raise NoSuchItem(item_id)
+                day.unlink(f"{item_id}.json")  # sidecar first: from here on it is not an item
+                day.unlink(f"{item_id}.eml", missing_ok=True)
+                day.fsync()
+            with self._sub("locks") as locks:
+                locks.unlink(f"{item_id}.lock", missing_ok=True)
         except FileNotFoundError:
             raise NoSuchItem(item_id) from None
+        except UnsafeFile as exc:
+            raise QuarantineError(f"{item_id}: {exc}; nothing done") from None
         except OSError as exc:
             raise QuarantineError(f"{item_id}: cannot delete: {exc.strerror or exc}") from exc
-        self.index.remove(item_id)
-        (self.dir / "locks" / f"{item_id}.lock").unlink(missing_ok=True)
+        self._unindex_quietly(item_id)
 
     # --- housekeeping ----------------------------------------------------------------------
-    def _days(self) -> list[Path]:
-        if not self.dir.is_dir():
-            return []
-        return sorted(p for p in self.dir.iterdir()
-                      if p.is_dir() and len(p.name) == 8 and p.name.isdigit())
+    def _days(self) -> list[str]:
+        """Names of the day directories; a link or other file in their place is skipped."""
+        days = []
+        with self._root() as root:
+            for name in root.names():
+                if len(name) != 8 or not name.isdigit():
+                    continue
+                kind = stat.S_IFMT(root.lstat(name).st_mode)
+                if kind == stat.S_IFDIR:
+                    days.append(name)
+                else:
+                    log.warning("quarantine: ignoring %s: not a directory (links in the spool "
+                                "are never followed)", self.dir / name)
+        return days
 
     def expire(self, before: float) -> list[str]:
         """Delete items quarantined before `before` and sweep crash leftovers."""
-        self._prepare()
         expired: list[str] = []
         now = time.time()
         last_day = time.strftime("%Y%m%d", time.gmtime(before))
-        for day in self._days():
-            if day.name > last_day:
+        for day_name in self._days():
+            if day_name > last_day:
                 break
-            for path in sorted(day.iterdir()):
-                name = path.name
-                try:
-                    age = now - path.stat().st_mtime
-                except FileNotFoundError:
-                    continue
-                if name.endswith(".json") and ID_PATTERN.match(name[:-5]):
-                    item_id = name[:-5]
+            with self._sub(day_name) as day:
+                names = day.names()
+                for name in names:
                     try:
-                        meta = self._read_meta(path)
-                        old = float(meta["time"]) < before
-                    except (OSError, ValueError, KeyError):
-                        old = age > ORPHAN_AGE and path.stat().st_mtime < before
-                    if old:
-                        with self.locked(item_id):
-                            try:
-                                self.delete(item_id)
-                                expired.append(item_id)
-                            except NoSuchItem:
-                                pass
-                elif name.endswith(".eml") and ID_PATTERN.match(name[:-4]):
-                    if age > ORPHAN_AGE and not path.with_suffix(".json").exists():
-                        path.unlink(missing_ok=True)
-                        log.info("removed %s: message file without sidecar (crash leftover)", path)
-                elif name.startswith(".tmp.") and age > TMP_AGE:
-                    path.unlink(missing_ok=True)
+                        mtime = day.lstat(name).st_mtime
+                    except FileNotFoundError:
+                        continue
+                    age = now - mtime
+                    if name.endswith(".json") and ID_PATTERN.match(name[:-5]):
+                        item_id = name[:-5]
+                        try:
+                            old = float(_read_meta(day, name)["time"]) < before
+                        except (OSError, ValueError, KeyError):
+                            old = age > ORPHAN_AGE and mtime < before
+                        if old:
+                            with self.locked(item_id):
+                                try:
+                                    self.delete(item_id)
+                                    expired.append(item_id)
+                                except NoSuchItem:
+                                    pass
+                    elif name.endswith(".eml") and ID_PATTERN.match(name[:-4]):
+                        if age > ORPHAN_AGE and not day.exists(name[:-4] + ".json"):
+                            day.unlink(name, missing_ok=True)
+                            log.info("removed %s: message file without sidecar (crash "
+                                     "leftover)", day.path / name)
+                    elif name.startswith(".tmp.") and age > TMP_AGE:
+                        day.unlink(name, missing_ok=True)
             try:
-                day.rmdir()  # only when empty
+                with self._root() as root:
+                    root.rmdir(day_name)  # only when empty
             except OSError:
                 pass
-        for marker in (self.dir / "keys").iterdir():
-            try:
-                if marker.stat().st_mtime < before or (marker.name.startswith(".tmp.")
-                                                       and now - marker.stat().st_mtime > TMP_AGE):
-                    marker.unlink(missing_ok=True)
-            except FileNotFoundError:
-                pass
+        with self._sub("keys") as keys:
+            for name in keys.names():
+                try:
+                    mtime = keys.lstat(name).st_mtime
+                    if mtime < before or (name.startswith(".tmp.") and now - mtime > TMP_AGE):
+                        keys.unlink(name, missing_ok=True)
+                except FileNotFoundError:
+                    pass
         return expired
 
-    def sidecars(self) -> Iterator[tuple[Path, dict[str, Any] | None, str]]:
-        """Every sidecar of the spool: (path, metadata or None, problem)."""
-        for day in self._days():
-            for path in sorted(day.glob("*.json")):
-                if not ID_PATTERN.match(path.name[:-5]):
-                    continue
-                try:
-                    meta = self._read_meta(path)
-                    Item.from_sidecar(meta)
-                    if meta["id"] != path.name[:-5]:
-                        raise ValueError(f"id {meta['id']!r} does not match the file name")
-                    yield path, meta, ""
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    yield path, None, str(exc) or type(exc).__name__
+    def sidecars(self, days: int | None = None
+                 ) -> Iterator[tuple[Path, dict[str, Any] | None, str]]:
+        """Every sidecar of the spool (of the newest `days` day directories): (path, metadata
+        or None, problem)."""
+        names = self._days()
+        for day_name in names[-days:] if days else names:
+            with self._sub(day_name) as day:
+                for name in day.names():
+                    if not name.endswith(".json") or not ID_PATTERN.match(name[:-5]):
+                        continue
+                    path = day.path / name
+                    try:
+                        meta = _read_meta(day, name)
+                        Item.from_sidecar(meta)
+                        if meta["id"] != name[:-5]:
+                            raise ValueError(f"id {meta['id']!r} does not match the file name")
+                        yield path, meta, ""
+                    except (OSError, ValueError, KeyError, TypeError) as exc:
+                        yield path, None, str(exc) or type(exc).__name__
 
     def reindex(self) -> ReindexReport:
         """Rebuild the index from the sidecars alone."""
@@ -381,15 +383,14 @@ class SpoolStore:
         self._prepare()
         known = self.index.ids()
         added = 0
-        for day in self._days()[-days:]:
-            for path in day.glob("*.json"):
-                if path.name[:-5] in known or not ID_PATTERN.match(path.name[:-5]):
-                    continue
-                try:
-                    self.index.upsert(self._read_meta(path))
-                    added += 1
-                except (OSError, ValueError, KeyError) as exc:
-                    log.error("cannot index %s: %s", path, exc)
+        for path, meta, problem in self.sidecars(days):
+            if path.name[:-5] in known:
+                continue
+            if meta is None:
+                log.error("cannot index %s: %s", path, problem)
+                continue
+            self.index.upsert(meta)
+            added += 1
         return added
 
     def index_rows(self) -> list[tuple[Any, ...]]:
@@ -400,16 +401,33 @@ class SpoolStore:
         self._prepare()
         return self.index.stats()
 
+    def read_state(self, name: str) -> bytes:
+        """A small file of the spool's own (e.g. the digest schedule); FileNotFoundError."""
+        with self._root() as root:
+            return root.read(name, limit=1 << 20)
+
+    def write_state(self, name: str, data: bytes) -> None:
+        with self._root() as root:
+            root.write_durably(name, data)
+            root.fsync()
+
     def writable(self) -> bool:
         """Whether a new item could be created now (for health checks)."""
         try:
-            self._prepare()
-            probe = self.dir / "keys" / f".tmp.probe.{os.getpid()}"
-            write_durably(probe, b"")
-            probe.unlink()
+            with self._sub("keys") as keys:
+                probe = f".tmp.probe.{os.getpid()}"
+                keys.write_durably(probe, b"")
+                keys.unlink(probe)
             return True
         except OSError:
             return False
+
+
+def _read_meta(day: Dir, name: str) -> dict[str, Any]:
+    meta = json.loads(day.read(name))
+    if not isinstance(meta, dict) or not ID_PATTERN.match(str(meta.get("id", ""))):
+        raise ValueError("not a filterd quarantine sidecar")
+    return meta
 
 
 def _dump(meta: dict[str, Any]) -> bytes:

@@ -30,8 +30,8 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import logging
-import os
 import re
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -289,7 +289,8 @@ def _hs_flags(flags: str, *, multiline: bool = False, exact: bool = False,
 # database is kept in this process (`_DB_MEMO`, the most recent few) and, once
 # filterd.ruleset.configure_compile_cache named a directory, on disk in Hyperscan's own
 # serialised form.
-# A cache file that cannot be read or loaded is ignored and rewritten, never trusted.
+# A cache file that cannot be read or loaded is ignored and rewritten, never trusted; the
+# directory is opened by descriptor and no link in it is followed (filterd.statefs).
 _DB_MEMO: "OrderedDict[str, Any]" = OrderedDict()
 _DB_MEMO_SIZE = 128
 _CACHE_FILES = 256       # on disk: a few rule-set versions' worth (two databases per target)
@@ -324,17 +325,28 @@ def _hs_compile(patterns: list[bytes], flags: list[int]) -> Any:
     return db
 
 
-def _load_cached_db(key: str) -> Any:
+def _cache_dir(create: bool) -> Any:
+    """The cache directory, opened by descriptor (filterd.statefs), or None when off."""
     from filterd.ruleset import compile_cache_dir
-    cache_dir = compile_cache_dir()
-    if cache_dir is None:
-        return None
+    from filterd.statefs import Dir
+    path = compile_cache_dir()
+    return None if path is None else Dir.open(path, create=create, mode=0o700)
+
+
+def _load_cached_db(key: str) -> Any:
+    from filterd.statefs import UnsafeFile
     try:
-        path = cache_dir / f"{key}.hsdb"
-        db = hyperscan.loadb(path.read_bytes(), mode=hyperscan.HS_MODE_BLOCK)
-        os.utime(path)   # in use: the pruning below keeps the recently used
+        cache = _cache_dir(create=False)
+        if cache is None:
+            return None
+        with cache:
+            db = hyperscan.loadb(cache.read(f"{key}.hsdb"), mode=hyperscan.HS_MODE_BLOCK)
+            cache.touch(f"{key}.hsdb")   # in use: the pruning below keeps the recently used
         return db
     except FileNotFoundError:
+        return None
+    except UnsafeFile as exc:   # planted in the daemon's directory: compile, touch nothing
+        log.warning("compiled rule cache not used: %s", exc)
         return None
     except Exception as exc:   # truncated, another Hyperscan or CPU: compile afresh
         log.info("ignoring compiled rule cache %s: %s", key, exc)
@@ -343,20 +355,21 @@ def _load_cached_db(key: str) -> Any:
 
 def _store_cached_db(key: str, db: Any) -> None:
     from filterd.ruleset import compile_cache_dir
-    cache_dir = compile_cache_dir()
-    if cache_dir is None:
-        return
+    from filterd.statefs import UnsafeFile
     try:
-        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = cache_dir / f"{key}.hsdb"
-        tmp = path.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(hyperscan.dumpb(db))
-        tmp.replace(path)
-        kept = sorted(cache_dir.glob("*.hsdb"), key=lambda f: f.stat().st_mtime, reverse=True)
-        for stale in kept[_CACHE_FILES:]:   # databases of rule sets long replaced
-            stale.unlink(missing_ok=True)
+        cache = _cache_dir(create=True)
+        if cache is None:
+            return
+        with cache:
+            cache.write_durably(f"{key}.hsdb", hyperscan.dumpb(db), mode=0o600)
+            kept = sorted(((st.st_mtime, name) for name, st in cache.entries(stat.S_IFREG)
+                           if name.endswith(".hsdb")), reverse=True)
+            for _, stale in kept[_CACHE_FILES:]:   # databases of rule sets long replaced
+                cache.unlink(stale, missing_ok=True)
+    except UnsafeFile as exc:
+        log.warning("compiled rule cache not written: %s", exc)
     except Exception as exc:   # a read-only state dir costs the next start a compile, no more
-        log.info("cannot keep compiled rules in %s: %s", cache_dir, exc)
+        log.info("cannot keep compiled rules in %s: %s", compile_cache_dir(), exc)
 
 
 # One expression of a database: (pattern bytes, Hyperscan flags, exact).

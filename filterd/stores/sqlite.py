@@ -1,6 +1,8 @@
 """The embedded Bayes token store: one SQLite file in WAL mode (default <state_dir>/bayes.sqlite).
 
-Trusts: the file system under the state directory. Reads no settings itself (the path comes
+Trusts: the configured path, not the directory's contents: the database is opened only by the
+owner of its directory and never through a planted link (filterd.statefs.sqlite_file; the CLI
+run as root switches to that owner first). Reads no settings itself (the path comes
 from filterd.stores.open_token_store). Emits no symbols.
 
 Every learn batch is one `BEGIN IMMEDIATE` transaction: the digest look-ups that decide
@@ -22,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
+from filterd.statefs import sqlite_file
 from filterd.stores import (HAM, SPAM, ExpiryResult, LearnItem, LearnResult, StoreError,
                             StoreStats, encodable)
 
@@ -99,10 +102,15 @@ class SqliteTokenStore:
 
     def __init__(self, path: Path | str, *, create: bool = True, busy_timeout: float = 30.0):
         self.path = Path(path)
-        if not create and not self.path.exists():
-            raise StoreError(f"{self.path}: no Bayes database (learn something first)")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # SQLite opens -wal/-shm/-journal by path: checked (and created) by descriptor
+            # first, and only in a directory owned by this process's user
+            sqlite_file(self.path, create=create)
+        except FileNotFoundError:
+            raise StoreError(f"{self.path}: no Bayes database (learn something first)") from None
+        except OSError as exc:
+            raise StoreError(str(exc) if exc.strerror is None else f"{self.path}: {exc}") from exc
+        try:
             self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout,
                                          isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
