@@ -5,8 +5,9 @@
                the slowest messages, and how many ham / spam would cross a budget
                (--budget, default scan.content_cpu_budget). Writes bench/out/content-cpu.json.
   --overhead   Scanner.scan over the corpora (--limit) with the content job on the loop
-               (scan.content_workers = 0) and in 1 worker process: msgs/s and msgs per
-               CPU-second (the daemon's CPU plus its workers', from /proc), p50/p99 latency.
+               (scan.content_workers = 0) and in 1 worker process, twice each, on one core:
+               msgs/s and msgs per CPU-second (the daemon's CPU plus its worker's, from
+               /proc), p50/p99 latency.
   --isolation  one hostile message (--hostile KIND, 1 MiB) scanned while a ticker on the loop
                measures how late it wakes (every 10 ms) and a ham is scanned every 100 ms:
                the largest loop lag and ham latency, on the loop and with workers.
@@ -114,7 +115,10 @@ def _proc_cpu(pid: int) -> float:
 def overhead(args: argparse.Namespace) -> int:
     datas = [p.read_bytes() for p in corpus_files(args.limit)]
     envelope = Envelope(listener="scan")
-    for workers in (0, 1):
+    # one core for the daemon and its worker (the fork inherits it), as bench_scan.py: the
+    # CPU-seconds are then the whole cost, and other processes' load disturbs them least
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    for workers in (0, 1, 0, 1):
         settings = settings_for(**{"scan.content_workers": workers, "bayes.enabled": False})
         scanner = Scanner(settings)
         scanner.start_content_workers()

@@ -243,9 +243,17 @@ class _Job:
     notes: dict[str, Any]
 
 
+# Notes that stay in the worker: the rules' excerpts serve `filterd scan --explain`, which
+# runs the job inline, and they carry the texts they were found in (13 KB a message on the
+# corpora: a third of the cost of a job's answer).
+LOCAL_NOTES = frozenset({"rule_matches"})
+
+
 def _picklable_notes(notes: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in notes.items():
+        if key in LOCAL_NOTES:
+            continue
         try:
             pickle.dumps(value)
         except Exception:  # e.g. rule excerpts that are found only when read (--explain)
@@ -254,7 +262,7 @@ def _picklable_notes(notes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _worker_main(conn: Any, settings: Any, ruleset: Any, progress: Any,
+def _worker_main(conn: Any, settings: Any, ruleset: Any, progress: Any, job_cpu: Any,
                  inherited: Sequence[Any]) -> None:
     """One worker: receive a job, parse, run each stage and send its ContentResult."""
     for other in inherited:  # the parent's ends of the other workers' pipes
@@ -279,6 +287,7 @@ def _worker_main(conn: Any, settings: Any, ruleset: Any, progress: Any,
             job: _Job = conn.recv()
         except (EOFError, OSError):
             return
+        job_cpu.value = time.process_time()  # the parent's watchdog measures from here
         try:
             view = parse(job.raw, job.envelope, content_limit=settings.scan.content_size_limit,
                          trusted_networks=trusted)
@@ -303,16 +312,37 @@ def _worker_main(conn: Any, settings: Any, ruleset: Any, progress: Any,
                 return
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# How often a job that has not answered is looked at, and how far past its budget its CPU
+# may go before the worker is killed: the budget's own timer stops Python code and the regex
+# engines, but a C loop that never checks signals (seen: stdlib re's `<[^>]*>` over 1 MiB of
+# "<a", 6 s for a 1 s budget) only stops with its process.
+WATCH_INTERVAL = 0.25
+
+
+def hard_limit(budget: float) -> float:
+    return budget + max(0.5, budget)
+
+
 class _Worker:
     def __init__(self, mp: Any, settings: Any, ruleset: Any, inherited: Sequence[Any]):
         parent_end, child_end = mp.Pipe()
-        self.progress = mp.RawValue("i", -1)
+        self.progress = mp.RawValue("i", -1)     # index of the step being run
+        self.job_cpu = mp.RawValue("d", 0.0)     # the worker's CPU clock when its job began
         self.process = mp.Process(target=_worker_main, name="filterd-content",
                                   args=(child_end, settings, ruleset, self.progress,
-                                        list(inherited)), daemon=True)
+                                        self.job_cpu, list(inherited)), daemon=True)
         self.process.start()
         child_end.close()
         self.conn = parent_end
+
+    def job_seconds(self) -> float | None:
+        """CPU seconds of the current job so far (None where /proc cannot tell)."""
+        try:
+            fields = open(f"/proc/{self.process.pid}/stat").read().rpartition(")")[2].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS - self.job_cpu.value
 
     def kill(self) -> None:
         try:
@@ -347,37 +377,73 @@ class PoolJob(ContentJob):
                 except BaseException as exc:  # EOF: the worker died
                     answer.set_exception(exc)
 
-        loop.add_reader(conn.fileno(), readable)
+        fd = conn.fileno()
+        loop.add_reader(fd, readable)
         try:
-            reply = await asyncio.wait_for(answer, max(self.deadline - loop.time(), 0.0))
+            reply = await self._watch(answer, loop)
         except asyncio.TimeoutError:
-            # C code that never checks signals: kill the worker, blame the step it is in
+            loop.remove_reader(fd)
+            # past the deadline or the hard CPU limit: kill the worker, blame its step
             self._replace = True
             at = self.worker.progress.value
             steps = self.stages[index]
             kind, name = steps[at] if 0 <= at < len(steps) else ("view", "parse")
             step = f"view.{name}" if kind == "view" else name
-            log.error("content worker %d gave no answer before the deadline (in %s): replaced",
-                      self.worker.process.pid, step)
+            spent = self.worker.job_seconds()
+            log.error("content worker %d stopped in %s: replaced", self.worker.process.pid,
+                      step)
             self.close()
-            return self._account(ContentResult(cpu=self._remaining() or 0.0, exceeded=step))
+            return self._account(ContentResult(
+                cpu=spent if spent is not None else (self._remaining() or 0.0), exceeded=step))
         except (EOFError, OSError) as exc:
+            loop.remove_reader(fd)
             self._replace = True
             self.close()
             raise RuntimeError(f"content worker died: {exc!r}") from exc
-        except asyncio.CancelledError:
-            self._replace = True  # the scan was given up mid-job: its answer would be stale
+        except BaseException:  # cancelled: the scan was given up; its answer would be stale
+            loop.remove_reader(fd)
+            self._replace = True
             self.close()
             raise
-        finally:
-            if not conn.closed:
-                loop.remove_reader(conn.fileno())
+        loop.remove_reader(fd)
         if isinstance(reply, BaseException):
             self.close()
             raise RuntimeError(f"content job failed: {reply!r}") from reply
         if index == len(self.stages) - 1:
             self.close()
         return self._account(reply)
+
+    async def _watch(self, answer: "asyncio.Future[Any]", loop: Any) -> Any:
+        """The worker's answer; TimeoutError at the deadline, or once the job's CPU is past
+        hard_limit(budget) (looked at every WATCH_INTERVAL while it runs: one timer, and
+        none of it for the common job that answers within the first interval)."""
+        limit = hard_limit(self.budget) if self.budget > 0 else None
+        stopped = False
+
+        def look() -> None:
+            nonlocal handle, stopped
+            if answer.done():
+                return
+            spent = self.worker.job_seconds() if limit is not None and self.worker else None
+            if loop.time() >= self.deadline or (spent is not None and spent > limit):
+                if spent is not None and spent > limit:  # type: ignore[operator]
+                    log.error("content job at %.1f CPU seconds, past %.1f: stopping it",
+                              spent, limit)
+                stopped = True
+                answer.cancel()
+                return
+            handle = loop.call_later(min(WATCH_INTERVAL, max(self.deadline - loop.time(), 0.0)),
+                                     look)
+
+        handle = loop.call_later(min(WATCH_INTERVAL, max(self.deadline - loop.time(), 0.0)), look)
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            if stopped:
+                raise asyncio.TimeoutError from None
+            raise
+        finally:
+            handle.cancel()
 
     def close(self) -> None:
         if self.worker is not None:
