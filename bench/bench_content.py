@@ -7,7 +7,8 @@
   --overhead   Scanner.scan over the corpora (--limit) with the content job on the loop
                (scan.content_workers = 0) and in 1 worker process, twice each, on one core:
                msgs/s and msgs per CPU-second (the daemon's CPU plus its worker's, from
-               /proc), p50/p99 latency.
+               /proc), p50/p99 latency. --all-cores lets them run on different cores (one
+               core makes every pipe round trip a context switch that evicts the caches).
   --isolation  one hostile message (--hostile KIND, 1 MiB) scanned while a ticker on the loop
                measures how late it wakes (every 10 ms) and a ham is scanned every 100 ms:
                the largest loop lag and ham latency, on the loop and with workers.
@@ -117,7 +118,8 @@ def overhead(args: argparse.Namespace) -> int:
     envelope = Envelope(listener="scan")
     # one core for the daemon and its worker (the fork inherits it), as bench_scan.py: the
     # CPU-seconds are then the whole cost, and other processes' load disturbs them least
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    if not args.all_cores:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     for workers in (0, 1, 0, 1):
         settings = settings_for(**{"scan.content_workers": workers, "bayes.enabled": False})
         scanner = Scanner(settings)
@@ -196,6 +198,8 @@ def main() -> int:
     ap.add_argument("--budget", type=float, help="budget to count messages over (seconds)")
     ap.add_argument("--limit", type=int, default=0, help="at most N corpus messages")
     ap.add_argument("--hostile", choices=sorted(HOSTILE), default="comment")
+    ap.add_argument("--all-cores", action="store_true",
+                    help="--overhead: let the daemon and its worker run on different cores")
     args = ap.parse_args()
     if not CORPORA.is_dir():
         print(f"corpora not found at {CORPORA}; set FILTERD_CORPORA", file=sys.stderr)

@@ -30,6 +30,7 @@ is killed shortly before the message deadline and replaced; the step it was in g
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import multiprocessing
 import os
@@ -234,6 +235,7 @@ class InlineJob(ContentJob):
 
 
 # --- worker processes ----------------------------------------------------------------------
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
 @dataclass(frozen=True, slots=True)
 class _Job:
     raw: bytes
@@ -284,7 +286,7 @@ def _worker_main(conn: Any, settings: Any, ruleset: Any, progress: Any, job_cpu:
     trusted = list(settings.scan.trusted_networks)
     while True:
         try:
-            job: _Job = conn.recv()
+            job: _Job = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return
         job_cpu.value = time.process_time()  # the parent's watchdog measures from here
@@ -302,12 +304,13 @@ def _worker_main(conn: Any, settings: Any, ruleset: Any, progress: Any, job_cpu:
                     spent += result.cpu
                     exceeded = result.exceeded is not None
                 result.notes = _picklable_notes(result.notes)
-                conn.send(result)
+                conn.send_bytes(pickle.dumps(result, _PROTOCOL))
         except (EOFError, OSError):
             return
         except BaseException as exc:  # report it; the parent turns it into an internal error
             try:
-                conn.send(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                error = exc if isinstance(exc, Exception) else RuntimeError(repr(exc))
+                conn.send_bytes(pickle.dumps(error, _PROTOCOL))
             except Exception:
                 return
 
@@ -335,6 +338,32 @@ class _Worker:
         self.process.start()
         child_end.close()
         self.conn = parent_end
+        # answers read off the pipe (the loop's one reader per worker) and the stage
+        # waiting for the next one
+        self.replies: collections.deque[Any] = collections.deque()
+        self.waiter: asyncio.Future[Any] | None = None
+        self.loop: Any = None
+
+    def watch(self, loop: Any) -> None:
+        """Read this worker's answers on `loop` from now on (one reader for its life)."""
+        self.loop = loop
+        loop.add_reader(self.conn.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            reply: Any = pickle.loads(self.conn.recv_bytes())
+        except (EOFError, OSError) as exc:  # it died: whoever waits learns it
+            self.loop.remove_reader(self.conn.fileno())
+            reply = exc
+            self.dead = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            self.waiter = None
+            waiter.set_result(reply)
+        else:
+            self.replies.append(reply)
+
+    dead = False
 
     def job_seconds(self) -> float | None:
         """CPU seconds of the current job so far (None where /proc cannot tell)."""
@@ -345,6 +374,8 @@ class _Worker:
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS - self.job_cpu.value
 
     def kill(self) -> None:
+        if self.loop is not None and not self.conn.closed and not self.dead:
+            self.loop.remove_reader(self.conn.fileno())
         try:
             self.process.kill()
             self.process.join(1.0)
@@ -364,48 +395,40 @@ class PoolJob(ContentJob):
 
     async def stage(self) -> ContentResult:
         index, self._next = self._next, self._next + 1
-        if index >= len(self.stages) or self.worker is None:
+        worker = self.worker
+        if index >= len(self.stages) or worker is None:
             return ContentResult()
-        loop = asyncio.get_running_loop()
-        conn = self.worker.conn
-        answer: asyncio.Future[Any] = loop.create_future()
-
-        def readable() -> None:
-            if not answer.done():
-                try:
-                    answer.set_result(conn.recv())
-                except BaseException as exc:  # EOF: the worker died
-                    answer.set_exception(exc)
-
-        fd = conn.fileno()
-        loop.add_reader(fd, readable)
-        try:
-            reply = await self._watch(answer, loop)
-        except asyncio.TimeoutError:
-            loop.remove_reader(fd)
-            # past the deadline or the hard CPU limit: kill the worker, blame its step
-            self._replace = True
-            at = self.worker.progress.value
-            steps = self.stages[index]
-            kind, name = steps[at] if 0 <= at < len(steps) else ("view", "parse")
-            step = f"view.{name}" if kind == "view" else name
-            spent = self.worker.job_seconds()
-            log.error("content worker %d stopped in %s: replaced", self.worker.process.pid,
-                      step)
-            self.close()
-            return self._account(ContentResult(
-                cpu=spent if spent is not None else (self._remaining() or 0.0), exceeded=step))
-        except (EOFError, OSError) as exc:
-            loop.remove_reader(fd)
+        if worker.replies:
+            reply = worker.replies.popleft()
+        else:
+            loop = asyncio.get_running_loop()
+            answer: asyncio.Future[Any] = loop.create_future()
+            worker.waiter = answer
+            try:
+                reply = await self._watch(answer, loop)
+            except asyncio.TimeoutError:
+                # past the deadline or the hard CPU limit: kill the worker, blame its step
+                self._replace = True
+                at = worker.progress.value
+                steps = self.stages[index]
+                kind, name = steps[at] if 0 <= at < len(steps) else ("view", "parse")
+                step = f"view.{name}" if kind == "view" else name
+                spent = worker.job_seconds()
+                log.error("content worker %d stopped in %s: replaced", worker.process.pid, step)
+                self.close()
+                return self._account(ContentResult(
+                    cpu=spent if spent is not None else (self._remaining() or 0.0),
+                    exceeded=step))
+            except BaseException:  # cancelled: the scan was given up; its answer is stale
+                self._replace = True
+                self.close()
+                raise
+            finally:
+                worker.waiter = None
+        if isinstance(reply, (EOFError, OSError)):
             self._replace = True
             self.close()
-            raise RuntimeError(f"content worker died: {exc!r}") from exc
-        except BaseException:  # cancelled: the scan was given up; its answer would be stale
-            loop.remove_reader(fd)
-            self._replace = True
-            self.close()
-            raise
-        loop.remove_reader(fd)
+            raise RuntimeError(f"content worker died: {reply!r}")
         if isinstance(reply, BaseException):
             self.close()
             raise RuntimeError(f"content job failed: {reply!r}") from reply
@@ -470,6 +493,7 @@ class ContentPool:
         self._mp = multiprocessing.get_context("fork")
         self._workers: list[_Worker] = []
         self._idle: asyncio.Queue[_Worker] | None = None
+        self._loop: Any = None
         self._busy = 0
         self._waiting = 0
         self._retired = False
@@ -483,13 +507,22 @@ class ContentPool:
         return self
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._mp, self.settings, self.ruleset,
-                       [w.conn for w in self._workers])
+        worker = _Worker(self._mp, self.settings, self.ruleset,
+                         [w.conn for w in self._workers])
+        if self._loop is not None:
+            worker.watch(self._loop)
+        return worker
 
     def _queue(self) -> asyncio.Queue[_Worker]:
-        if self._idle is None:
+        loop = asyncio.get_running_loop()
+        if self._idle is None or loop is not self._loop:
+            # first use, on the loop that will read the answers (the daemon has one for
+            # life; a tool or test that runs several in turn gets the workers re-bound)
+            self._loop = loop
             self._idle = asyncio.Queue()
             for worker in self._workers:
+                worker.replies.clear()
+                worker.watch(loop)
                 self._idle.put_nowait(worker)
         return self._idle
 
@@ -507,8 +540,10 @@ class ContentPool:
         job = PoolJob(self, worker, stages, budget, deadline)
         try:
             worker.progress.value = -1
-            worker.conn.send(_Job(raw, envelope, tuple(tuple(s) for s in stages), budget,
-                                  _picklable_notes(notes)))
+            worker.replies.clear()  # a killed job's late answers belong to no one
+            worker.conn.send_bytes(pickle.dumps(_Job(
+                raw, envelope, tuple(tuple(s) for s in stages), budget,
+                _picklable_notes(notes)), _PROTOCOL))
         except BaseException:
             job._replace = True
             job.close()
