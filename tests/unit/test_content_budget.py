@@ -238,3 +238,27 @@ def test_workers_give_the_same_symbols_as_the_loop(settings, corpora_dir):
         assert a == b, name
         assert score_a == score_b, name
     assert any(a for _, a, _, _, _ in results)
+
+
+def test_a_reload_forks_workers_with_the_new_rules_and_retires_the_old(settings, core_rules):
+    import os
+    rs = ruleset_with(core_rules, ("mark", "test.mark", {"name": "TEST_OLD_RULES"}))
+    sc = Scanner(settings.with_overrides({"scan.content_workers": 1,
+                                          "rules.dir": str(core_rules)}), rs)
+    sc.start_content_workers()
+    try:
+        old_pool = sc.content_pool
+        old_pids = old_pool.pids
+        before = asyncio.run(sc.scan(HAM, Envelope()))
+        sc.reload()  # the rules on disk: core only, no test.mark binding
+        after = asyncio.run(sc.scan(HAM, Envelope()))
+        new_pids = sc.content_pool.pids
+    finally:
+        sc.stop_content_workers()
+    assert "TEST_OLD_RULES" in names(before)
+    assert "TEST_OLD_RULES" not in names(after) and after.failure is None
+    assert sc.content_pool is None and old_pool is not None
+    assert set(new_pids).isdisjoint(old_pids)
+    for pid in old_pids + new_pids:  # every worker is gone (reaped by kill())
+        assert not os.path.exists(f"/proc/{pid}/stat") or \
+            open(f"/proc/{pid}/stat").read().split()[2] == "Z"
