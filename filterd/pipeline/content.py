@@ -236,6 +236,8 @@ class InlineJob(ContentJob):
 
 # --- worker processes ----------------------------------------------------------------------
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
 @dataclass(frozen=True, slots=True)
 class _Job:
     raw: bytes
