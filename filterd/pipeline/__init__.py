@@ -300,7 +300,13 @@ async def scan(view: MessageView, ctx: ScanContext, *, skip_network: bool = Fals
     default_timeout = settings.scan.check_timeout
     timings: dict[str, float] = {}
     phases = plan(ctx.ruleset, skip_network=skip_network)
-    job = await _content_job(view, ctx, phases)
+    try:
+        # waiting for a free content worker is load, not the message's cost: a message that
+        # gets none before its deadline fails as any late scan does (tempfail), unblamed
+        async with asyncio.timeout_at(ctx.deadline):
+            job = await _content_job(view, ctx, phases)
+    except asyncio.TimeoutError:
+        return ScanResult(tuple(ctx.symbols), timings, failure="deadline")
     try:
         for phase, checks in phases:
             started = time.perf_counter()

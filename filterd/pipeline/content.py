@@ -394,6 +394,7 @@ class PoolJob(ContentJob):
         super().__init__(stages, budget)
         self.pool, self.worker, self.deadline = pool, worker, deadline
         self._replace = False
+        self.sent_at = asyncio.get_running_loop().time()
 
     async def stage(self) -> ContentResult:
         index, self._next = self._next, self._next + 1
@@ -409,13 +410,21 @@ class PoolJob(ContentJob):
             try:
                 reply = await self._watch(answer, loop)
             except asyncio.TimeoutError:
-                # past the deadline or the hard CPU limit: kill the worker, blame its step
+                # past the deadline or the hard CPU limit: kill the worker (a fresh one is
+                # simpler than draining it), and blame its step, unless the job had less
+                # than its budget of time in the worker (it waited for one: load, which
+                # the caller's deadline turns into a tempfail)
                 self._replace = True
+                spent = worker.job_seconds()
+                had = loop.time() - self.sent_at
+                if self.budget <= 0 or (had < self.budget and (
+                        spent is None or spent <= hard_limit(self.budget))):
+                    self.close()
+                    raise
                 at = worker.progress.value
                 steps = self.stages[index]
                 kind, name = steps[at] if 0 <= at < len(steps) else ("view", "parse")
                 step = f"view.{name}" if kind == "view" else name
-                spent = worker.job_seconds()
                 log.error("content worker %d stopped in %s: replaced", worker.process.pid, step)
                 self.close()
                 return self._account(ContentResult(

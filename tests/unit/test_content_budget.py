@@ -262,3 +262,29 @@ def test_a_reload_forks_workers_with_the_new_rules_and_retires_the_old(settings,
     for pid in old_pids + new_pids:  # every worker is gone (reaped by kill())
         assert not os.path.exists(f"/proc/{pid}/stat") or \
             open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_a_message_that_gets_no_free_worker_before_its_deadline_is_tempfailed_unblamed(
+        settings, core_rules):
+    """Ten slow messages ahead of it on the only worker, 0.3 s of CPU each: the ham waits
+    past its 2.5 s deadline. That is load, so Postfix should retry it: tempfail, no blame."""
+    rs = ruleset_with(core_rules, ("slow_regex", "test.backtracking", {}))
+    sc = scanner(settings.with_overrides({"scan.deadline": 2.5}), rs, 1)
+
+    async def queued():
+        ahead = [asyncio.ensure_future(sc.scan(mail(BACKTRACKING_TEXT), Envelope()))
+                 for _ in range(10)]
+        await asyncio.sleep(0)
+        started = time.perf_counter()
+        waiting = await sc.scan(HAM, Envelope())
+        elapsed = time.perf_counter() - started
+        return await asyncio.gather(*ahead), waiting, elapsed
+
+    try:
+        ahead, waiting, elapsed = asyncio.run(queued())
+    finally:
+        sc.stop_content_workers()
+    assert waiting.failure == "deadline" and waiting.verdict.action is Action.TEMPFAIL
+    assert "CONTENT_BUDGET" not in names(waiting) and "CHECK_TIMEOUT" not in names(waiting)
+    assert elapsed < 4.0, elapsed      # it did not wait for the queue beyond its deadline
+    assert any("CONTENT_BUDGET" in names(o) for o in ahead)
