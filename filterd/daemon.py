@@ -109,6 +109,8 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.scanner = Scanner(settings)
         self.scanner.start_services()
+        # forked before the milter thread and the executors exist (a fork copies one thread)
+        self.scanner.start_content_workers()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -150,6 +152,7 @@ class Daemon:
         deadline = loop.time() + min(settings.scan.deadline, STOP_GRACE)
         while self.scanner.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        self.scanner.stop_content_workers()
         settings.control_socket.unlink(missing_ok=True)
         return 0
 

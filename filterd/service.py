@@ -34,6 +34,7 @@ from typing import Any, Callable
 from filterd import pipeline
 from filterd.actions.headers import HeaderEdits, apply_to_bytes, build_edits
 from filterd.message import Envelope, MessageView, parse
+from filterd.pipeline.content import ContentPool
 from filterd.policy import SEVERITY, Action, Symbol, Verdict
 from filterd.policy.banks import (EffectivePolicy, MessageFacts, bank_layers, load_banks, merge,
                                   select_banks)
@@ -147,6 +148,8 @@ class Scanner:
         self._scan_rulesets: dict[tuple[int, tuple[str, ...]], Ruleset] = {}
         # message-level policies by (rule set, originating, banks) identity: message_policy
         self._message_policies: dict[tuple[Any, ...], tuple[tuple[Any, ...], EffectivePolicy]] = {}
+        # the content checks' worker processes (start_content_workers); None: on the loop
+        self.content_pool: ContentPool | None = None
 
     # --- rule set ------------------------------------------------------------------------
     def load_rules(self) -> Ruleset:
@@ -161,6 +164,10 @@ class Scanner:
         self.ruleset, self.banks, self.recipients = new, banks, recipients
         self._scan_rulesets = {}
         self._message_policies = {}
+        if self.content_pool is not None:  # workers hold the rule set they were forked with
+            old, self.content_pool = self.content_pool, None
+            self.start_content_workers()
+            old.retire()
         log.info("rules reloaded: %d files, %d checks, %d pattern rules",
                  len(new.files), len(new.bindings), len(new.rules))
         return new
@@ -169,6 +176,18 @@ class Scanner:
         for name, factory in SERVICE_FACTORIES.items():
             if name not in self.services:
                 self.services[name] = factory(self.settings)
+
+    def start_content_workers(self) -> None:
+        """Fork scan.content_workers processes for the content checks (the daemon does, early,
+        before its threads start); without them the checks run on the event loop."""
+        if self.settings.scan.content_workers > 0 and self.content_pool is None:
+            self.content_pool = ContentPool(self.settings, self.ruleset,
+                                            self.settings.scan.content_workers).start()
+
+    def stop_content_workers(self) -> None:
+        if self.content_pool is not None:
+            self.content_pool.close()
+            self.content_pool = None
 
     # --- scanning ------------------------------------------------------------------------
     def is_originating(self, envelope: Envelope) -> bool:
@@ -266,7 +285,7 @@ class Scanner:
                      dkim_sign=self.settings.dkim.sign, banks=message_eff.banks)
 
     async def _scan(self, raw: bytes, envelope: Envelope, *, skip_network: bool) -> Outcome:
-        ruleset, banks = self.ruleset, self.banks
+        ruleset, banks, pool = self.ruleset, self.banks, self.content_pool
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         view = self.parse(raw, envelope)
@@ -276,7 +295,8 @@ class Scanner:
             settings=self.settings, ruleset=self._ruleset_for(ruleset, message_eff.disable_checks),
             deadline=loop.time() + self.settings.scan.deadline,
             dns=self.services.get("dns"), clamd=self.services.get("clamd"),
-            stores=self.services.get("stores"), services=self.services)
+            stores=self.services.get("stores"), services=self.services,
+            content_runner=pool.submit if pool is not None else None)
         ctx.notes["originating"] = originating
         if message_eff.banks:
             ctx.notes["policy_banks"] = message_eff.banks

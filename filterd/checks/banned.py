@@ -25,9 +25,11 @@ Emits (options name the offending part; members as "outer.zip/inner.exe"):
   ARCHIVE_TIMEOUT          inspection took longer than time_budget
   ARCHIVE_UNREADABLE       an archive (or a member) could not be read: corrupt, an unsupported
                            method, or no reader installed (rar without unrar, 7z without py7zr)
-An archive, a truncated view (the whole message is parsed again) or a large message is
-inspected in a worker thread, so it never blocks the event loop; the common small message
-without an archive is checked inline (names and magic bytes only), saving a thread hop.
+The inspection is the check's prepare step (inspect_attachments): in the daemon it runs in the
+content job's worker process (filterd.pipeline.content), never on the event loop. Called
+without it (tools, tests), an archive, a truncated view (the whole message is parsed again)
+or a large message is inspected in a worker thread; the common small message without an
+archive is checked inline (names and magic bytes only), saving a thread hop.
 """
 
 from __future__ import annotations
@@ -206,7 +208,37 @@ def _inspect_message(msg: MessageView, policy: NamePolicy, limits: Limits,
 _DEFAULT_LIMITS = Limits()
 
 
-@check("banned_files", phase=Phase.MAIN, symbols=SYMBOLS)
+def _policy_and_limits(extensions: Sequence[str], decoy_extensions: Sequence[str],
+                       executable_types: Sequence[str], max_depth: int, max_members: int,
+                       max_expanded_bytes: int, max_member_read: int,
+                       time_budget: float) -> tuple[NamePolicy, Limits]:
+    policy = _name_policy(tuple(extensions), tuple(decoy_extensions), tuple(executable_types))
+    limits = Limits(max_depth=int(max_depth), max_members=int(max_members),
+                    max_expanded_bytes=int(max_expanded_bytes),
+                    max_member_read=int(max_member_read), time_budget=float(time_budget))
+    return policy, limits
+
+
+def inspect_attachments(msg: MessageView, ctx: ScanContext, *, extensions: Sequence[str],
+                        decoy_extensions: Sequence[str] = (),
+                        executable_types: Sequence[str] = (),
+                        max_depth: int = _DEFAULT_LIMITS.max_depth,
+                        max_members: int = _DEFAULT_LIMITS.max_members,
+                        max_expanded_bytes: int = _DEFAULT_LIMITS.max_expanded_bytes,
+                        max_member_read: int = _DEFAULT_LIMITS.max_member_read,
+                        time_budget: float = _DEFAULT_LIMITS.time_budget) -> list[Symbol]:
+    """The whole check, synchronously: its prepare step, run in the content job (a worker
+    process in the daemon: archives are opened there, under the content budget too)."""
+    policy, limits = _policy_and_limits(extensions, decoy_extensions, executable_types,
+                                        max_depth, max_members, max_expanded_bytes,
+                                        max_member_read, time_budget)
+    depth = mime.configured_depth(ctx)
+    if not needs_worker(msg, depth):
+        return examine_parts(msg.parts, policy, limits)
+    return _inspect_message(msg, policy, limits, depth)
+
+
+@check("banned_files", phase=Phase.MAIN, symbols=SYMBOLS, prepare=inspect_attachments)
 async def banned_files(msg: MessageView, ctx: ScanContext, *, extensions: Sequence[str],
                        decoy_extensions: Sequence[str] = (),
                        executable_types: Sequence[str] = (),
@@ -214,11 +246,13 @@ async def banned_files(msg: MessageView, ctx: ScanContext, *, extensions: Sequen
                        max_members: int = _DEFAULT_LIMITS.max_members,
                        max_expanded_bytes: int = _DEFAULT_LIMITS.max_expanded_bytes,
                        max_member_read: int = _DEFAULT_LIMITS.max_member_read,
-                       time_budget: float = _DEFAULT_LIMITS.time_budget) -> list[Symbol]:
-    policy = _name_policy(tuple(extensions), tuple(decoy_extensions), tuple(executable_types))
-    limits = Limits(max_depth=int(max_depth), max_members=int(max_members),
-                    max_expanded_bytes=int(max_expanded_bytes),
-                    max_member_read=int(max_member_read), time_budget=float(time_budget))
+                       time_budget: float = _DEFAULT_LIMITS.time_budget,
+                       prepared: list[Symbol] | None = None) -> list[Symbol]:
+    if prepared is not None:  # inspected in the content job
+        return list(prepared)
+    policy, limits = _policy_and_limits(extensions, decoy_extensions, executable_types,
+                                        max_depth, max_members, max_expanded_bytes,
+                                        max_member_read, time_budget)
     depth = mime.configured_depth(ctx)
     if not needs_worker(msg, depth):
         return examine_parts(msg.parts, policy, limits)

@@ -31,10 +31,11 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Sequence
 
 from filterd.bayes import HAM, SPAM, Bayes, message_digest, today
 from filterd.bayes.classifier import BANDS, band
+from filterd.bayes.tokenizer import tokenize
 from filterd.message import MessageView
 from filterd.pipeline import Phase, ScanContext, check
 from filterd.policy import Action, Symbol
@@ -88,13 +89,16 @@ class BayesService:
         store = self._store
         return store is not None and getattr(store, "inline_reads", False)
 
-    def classify(self, view: MessageView, *, deadline: float | None = None) -> list[Symbol]:
+    def classify(self, view: MessageView, *, deadline: float | None = None,
+                 tokens: Sequence[str] | None = None) -> list[Symbol]:
         try:
             bayes = self.bayes()
             ready, nspam, nham = bayes.trained(deadline=deadline)
             if not ready:
                 return [Symbol("BAYES_UNTRAINED", (f"spam={nspam}", f"ham={nham}"))]
-            result = bayes.classify_tokens(bayes.tokens(view), counts=(nspam, nham),
+            if tokens is None:
+                tokens = bayes.tokens(view)
+            result = bayes.classify_tokens(tokens, counts=(nspam, nham),
                                            deadline=deadline)
         except StoreError as exc:
             self._drop_store()
@@ -110,6 +114,10 @@ class BayesService:
         if not (b.enabled and b.autolearn) or outcome.failure or outcome.originating:
             return None
         if verdict.action is Action.TEMPFAIL or verdict.virus_names:
+            return None
+        if any(s.name == "CONTENT_BUDGET" for s in verdict.symbols):
+            # tokenising it again in the learner's thread would hold the GIL, and the
+            # loop, for as long as the budget stopped in the scan
             return None
         # SpamAssassin's rule: decide with the scores of the set without Bayes, so that the
         # lower rule weights of the [bayes_scores] set (and Bayes itself) cannot starve or feed
@@ -159,18 +167,28 @@ def service_for(ctx: ScanContext) -> BayesService:
     return svc
 
 
-@check("bayes", phase=Phase.CLASSIFY, symbols=SYMBOLS)
-async def bayes_classify(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
+def message_tokens(msg: MessageView, ctx: ScanContext) -> tuple[str, ...] | None:
+    """The Bayes tokens: the check's prepare step, so tokenising (HTML rendering included)
+    runs in the content job, off the event loop, under the content budget."""
+    b = ctx.settings.bayes
+    if not b.enabled:
+        return None
+    return tokenize(msg, max_tokens=b.max_tokens, bigrams=b.bigrams)
+
+
+@check("bayes", phase=Phase.CLASSIFY, symbols=SYMBOLS, prepare=message_tokens)
+async def bayes_classify(msg: MessageView, ctx: ScanContext,
+                         prepared: tuple[str, ...] | None = None) -> list[Symbol]:
     if not ctx.settings.bayes.enabled:
         return []
     svc = service_for(ctx)
     if svc.reads_inline():
         # A SQLite read takes ~0.3 ms of CPU and a hop to a worker thread ~0.065 ms more
-        # (docs/bayes.md), while tokenising holds the GIL on any thread: so the whole
-        # check runs here. The check's timeout, which cannot cancel code that never
-        # awaits, becomes the store's read deadline instead (BAYES_STORE_ERROR past it).
-        return svc.classify(msg, deadline=time.monotonic() + _timeout(ctx))
-    return await asyncio.to_thread(svc.classify, msg)
+        # (docs/bayes.md): with the tokens prepared in the content job, the whole check
+        # runs here. The check's timeout, which cannot cancel code that never awaits,
+        # becomes the store's read deadline instead (BAYES_STORE_ERROR past it).
+        return svc.classify(msg, deadline=time.monotonic() + _timeout(ctx), tokens=prepared)
+    return await asyncio.to_thread(svc.classify, msg, tokens=prepared)
 
 
 def _timeout(ctx: ScanContext) -> float:

@@ -30,7 +30,7 @@ import asyncio
 import email.utils
 import ipaddress
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from filterd.dns import (OK, in_networks, note_blocked_resolver, registered_domain,
@@ -155,19 +155,30 @@ def message_domains(msg: MessageView, *, urls: bool, senders: bool, max_domains:
     return list(seen)
 
 
+def lookup_domains(msg: MessageView, ctx: ScanContext, *, urls: bool = True,
+                   senders: bool = True, max_domains: int = 20, skip: Sequence[str] = (),
+                   **_: Any) -> list[str]:
+    """The domains dnsbl.domain looks up: its prepare step, which reads the URLs (the costly
+    part) in the content job, off the event loop."""
+    skipped = {d.lower() for d in skip}
+    return [d for d in message_domains(msg, urls=urls, senders=senders,
+                                       max_domains=max_domains) if d not in skipped]
+
+
 @check("dnsbl.domain", phase=Phase.MAIN, network=True,
-       symbols=("DNS_BLOCKED_RESOLVER", "DNS_TIMEOUT", "DNS_LOOKUP_LIMIT"))
+       symbols=("DNS_BLOCKED_RESOLVER", "DNS_TIMEOUT", "DNS_LOOKUP_LIMIT"),
+       prepare=lookup_domains)
 async def dnsbl_domain(msg: MessageView, ctx: ScanContext, *, zone: str,
                        codes: Mapping[str, str], symbol: str | None = None,
                        match: str = "exact", blocked_codes: Sequence[str] = (),
                        urls: bool = True, senders: bool = True,
-                       max_domains: int = 20, skip: Sequence[str] = ()) -> list[Symbol]:
+                       max_domains: int = 20, skip: Sequence[str] = (),
+                       prepared: list[str] | None = None) -> list[Symbol]:
     """Look up the registered domains of URLs and senders in one domain list."""
     if ctx.dns is None:
         return []
-    skipped = {d.lower() for d in skip}
-    domains = [d for d in message_domains(msg, urls=urls, senders=senders,
-                                          max_domains=max_domains) if d not in skipped]
+    domains = prepared if prepared is not None else lookup_domains(
+        msg, ctx, urls=urls, senders=senders, max_domains=max_domains, skip=skip)
     answers = await asyncio.gather(*(ctx.dns.query(f"{d}.{zone}", "A", ctx=ctx)
                                      for d in domains))
     out: list[Symbol] = []

@@ -116,6 +116,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("scan.max_mime_depth", "int", 20,
             "MIME entities nested deeper than this give MIME_NESTING_TOO_DEEP and are not "
             "searched for alternative readings (amavis: $MAXLEVELS).", minimum=1),
+    Setting("scan.content_cpu_budget", "float", 1.0,
+            "CPU seconds the content checks (MIME decoding, rules, evals, Bayes tokens, URI "
+            "domains) may spend on one message; past it the rest are skipped and "
+            "CONTENT_BUDGET is added (a verdict, never a tempfail). 0 means no budget.",
+            minimum=0.0),
+    Setting("scan.content_workers", "int", 2,
+            "Processes that run the content checks, so that a message costly to analyse never "
+            "holds the others (each runs one message at a time; more messages wait for one). "
+            "0 runs them on the event loop: no isolation, for tools and debugging.",
+            minimum=0),
     Setting("scan.trusted_networks", "networks", ["127.0.0.0/8", "::1/128"],
             "Relays whose Received headers are trusted when finding the last external relay."),
     Setting("scan.mynetworks", "networks", _PRIVATE_NETS,

@@ -8,6 +8,14 @@ overran its own timeout; options: binding). Both score 0 unless the scores table
 otherwise: one broken check must not turn into a tempfail storm. A missed whole-message
 deadline is a *failure* ("deadline"), which the failures table maps to tempfail.
 
+Reads also scan.content_cpu_budget. Emits CONTENT_BUDGET (filterd.pipeline.content).
+
+The content job comes first (filterd.pipeline.content): every synchronous check of PRE and
+MAIN and the `prepare` step of the checks that declare one, in a worker process when the
+scan has a content runner (the daemon), else right here. Its symbols take their bindings'
+places below. Past the content CPU budget the rest of the job is skipped, and so are the
+checks whose prepare step did not run and the synchronous composites.
+
 Phases run in order; the checks inside one phase run concurrently (network checks overlap):
   PRE       cheap checks that may force an action (allow/block lists, size, sanity)
   MAIN      antivirus, DNS lists, authentication, pattern rules
@@ -50,6 +58,9 @@ class CheckSpec:
     network: bool
     is_async: bool
     symbols: tuple[str, ...]     # symbols it may emit (for docs and lint); () = declared in rules
+    # the part of an async check that only reads the message (filterd.pipeline.content):
+    # prepare(msg, ctx, **args) -> a picklable value the check gets as `prepared=`
+    prepare: Callable[..., Any] | None = None
 
 
 REGISTRY: dict[str, CheckSpec] = {}
@@ -69,17 +80,31 @@ CHECK_MODULES = (
 
 
 def check(name: str, *, phase: Phase = Phase.MAIN, network: bool = False,
-          symbols: Sequence[str] = ()) -> Callable[[CheckFunc], CheckFunc]:
-    """Register a check function: `fn(msg, ctx, **args) -> list[Symbol]` (sync or async)."""
+          symbols: Sequence[str] = (),
+          prepare: Callable[..., Any] | None = None) -> Callable[[CheckFunc], CheckFunc]:
+    """Register a check function: `fn(msg, ctx, **args) -> list[Symbol]` (sync or async).
+
+    An async check whose CPU work on the message can be separated from its I/O declares
+    `prepare(msg, ctx, **args) -> value` (synchronous, no I/O, picklable result): it runs in
+    the content job (filterd.pipeline.content) and the check is called with `prepared=value`.
+    """
 
     def register(func: CheckFunc) -> CheckFunc:
         if name in REGISTRY and REGISTRY[name].func is not func:
             raise ValueError(f"check {name!r} registered twice")
         REGISTRY[name] = CheckSpec(name, func, phase, network,
-                                   inspect.iscoroutinefunction(func), tuple(symbols))
+                                   inspect.iscoroutinefunction(func), tuple(symbols), prepare)
         return func
 
     return register
+
+
+def is_content(spec: CheckSpec) -> bool:
+    """Whether a check runs in the content job, off the event loop: a synchronous check of
+    PRE or MAIN reads only the message and the symbols of earlier synchronous checks. The
+    synchronous checks of CLASSIFY and COMPOSITE read network results (auth, every symbol)
+    and cost no more than the number of rules: they run on the loop after the network."""
+    return not spec.is_async and not spec.network and spec.phase <= Phase.MAIN
 
 
 def load_checks() -> dict[str, CheckSpec]:
@@ -133,6 +158,9 @@ class ScanContext:
     services: dict[str, Any] = field(default_factory=dict)  # other shared clients by name
     symbols: list[Symbol] = field(default_factory=list)     # symbols of earlier phases
     notes: dict[str, Any] = field(default_factory=dict)     # per-message scratch for checks
+    # runs the content job elsewhere (a ContentPool's run); None: run it here, on the loop
+    content_runner: Any = None
+    prepared: dict[str, Any] = field(default_factory=dict)  # binding -> its prepare() value
 
     def remaining(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()
@@ -148,16 +176,28 @@ class ScanResult:
     failure: str | None = None                  # "deadline", "internal_error" or None
 
 
+def run_sync(binding: Any, spec: CheckSpec, view: MessageView, ctx: ScanContext) -> list[Symbol]:
+    """A synchronous check; what it raises becomes CHECK_ERROR (the content budget's
+    interruption is a BaseException and goes through)."""
+    try:
+        return list(spec.func(view, ctx, **binding.args) or ())
+    except Exception as exc:
+        log.warning("check %s failed: %s: %s", binding.name, type(exc).__name__, exc)
+        return [Symbol("CHECK_ERROR", (binding.name, type(exc).__name__))]
+
+
 async def _run_one(binding: Any, spec: CheckSpec, view: MessageView, ctx: ScanContext,
                    default_timeout: float) -> list[Symbol]:
+    if not spec.is_async:
+        return run_sync(binding, spec, view, ctx)
     timeout = min(binding.timeout or default_timeout, max(ctx.remaining(), 0.0))
+    args = binding.args
+    if spec.prepare is not None:
+        args = {**args, "prepared": ctx.prepared.get(binding.name)}
     try:
-        if spec.is_async:
-            # a timer on the running task, not wait_for's extra task per check
-            async with asyncio.timeout(timeout):
-                result = await spec.func(view, ctx, **binding.args)
-        else:
-            result = spec.func(view, ctx, **binding.args)
+        # a timer on the running task, not wait_for's extra task per check
+        async with asyncio.timeout(timeout):
+            result = await spec.func(view, ctx, **args)
         return list(result or ())
     except asyncio.TimeoutError:
         log.warning("check %s timed out after %.2fs", binding.name, timeout)
@@ -202,27 +242,53 @@ def _plan(bindings: Sequence[Any], skip_network: bool
     return sorted(by_phase.items())
 
 
-async def _run_phase(checks: Sequence[tuple[Any, CheckSpec]], view: MessageView,
-                     ctx: ScanContext, default_timeout: float) -> list[list[Symbol]]:
+async def _run_phase(phase: Phase, checks: Sequence[tuple[Any, CheckSpec]], view: MessageView,
+                     ctx: ScanContext, default_timeout: float, job: Any) -> list[list[Symbol]]:
     """One phase's checks, results in binding order. The async ones (network I/O) run as
-    tasks started first, so their waits overlap the sync ones, which then run right here:
-    a task each for sync checks would only add scheduling work."""
+    tasks started first, so their waits overlap the content job's stage for this phase (in a
+    worker, or right here); the checks that need a prepared value start once it is there,
+    and the other synchronous ones (CLASSIFY, COMPOSITE) run here after it."""
     tasks = {i: asyncio.ensure_future(_run_one(b, s, view, ctx, default_timeout))
-             for i, (b, s) in enumerate(checks) if s.is_async}
+             for i, (b, s) in enumerate(checks) if s.is_async and s.prepare is None}
+    batches: list[list[Symbol]] = [[] for _ in checks]
     try:
-        await asyncio.sleep(0)  # let each task run up to its first wait (queries sent)
-        batches: list[list[Symbol]] = []
+        if tasks:
+            await asyncio.sleep(0)  # let each task run up to its first wait (queries sent)
+        if job is not None and not job.done:
+            content = await job.upto(phase)
+            ctx.prepared.update(content.prepared)
+            ctx.notes.update(content.notes)
+            if content.exceeded:
+                batches[0][:0] = _budget_symbols(ctx, job)
+        else:
+            content = None
         for i, (binding, spec) in enumerate(checks):
-            if i not in tasks:
-                batches.append(await _run_one(binding, spec, view, ctx, default_timeout))
-            else:
-                batches.append([])
+            if is_content(spec):
+                batches[i] += content.symbols.get(binding.name, ()) if content else ()
+            elif spec.prepare is not None:
+                if binding.name in ctx.prepared:
+                    tasks[i] = asyncio.ensure_future(
+                        _run_one(binding, spec, view, ctx, default_timeout))
+                elif content is not None:  # its prepare step raised (CHECK_ERROR)
+                    batches[i] += content.symbols.get(binding.name, ())
+            elif not spec.is_async:
+                if job is not None and job.exceeded and phase is Phase.COMPOSITE:
+                    continue  # composites of missing content symbols would misfire
+                batches[i] += await _run_one(binding, spec, view, ctx, default_timeout)
         for i, task in tasks.items():
-            batches[i] = await task
+            batches[i] += await task
         return batches
     finally:
         for task in tasks.values():  # deadline (cancelled): stop what is still running
             task.cancel()
+
+
+def _budget_symbols(ctx: ScanContext, job: Any) -> list[Symbol]:
+    budget = ctx.settings.scan.content_cpu_budget
+    log.warning("content CPU budget (%gs) spent in %s: the remaining content checks skipped",
+                budget, job.exceeded)
+    return [Symbol("CHECK_TIMEOUT", (job.exceeded,)),
+            Symbol("CONTENT_BUDGET", (job.exceeded, f"{job.spent:.2f}s/{budget:g}s"))]
 
 
 async def scan(view: MessageView, ctx: ScanContext, *, skip_network: bool = False) -> ScanResult:
@@ -233,23 +299,48 @@ async def scan(view: MessageView, ctx: ScanContext, *, skip_network: bool = Fals
         ctx.deadline = loop.time() + settings.scan.deadline
     default_timeout = settings.scan.check_timeout
     timings: dict[str, float] = {}
-    for phase, checks in plan(ctx.ruleset, skip_network=skip_network):
-        started = time.perf_counter()
-        if ctx.remaining() <= 0:
-            return ScanResult(tuple(ctx.symbols), timings, failure="deadline")
-        try:
-            if len(checks) == 1 or not any(spec.is_async for _, spec in checks):
-                for binding, spec in checks:
-                    ctx.symbols.extend(await _run_one(binding, spec, view, ctx, default_timeout))
-            else:
+    phases = plan(ctx.ruleset, skip_network=skip_network)
+    try:
+        # waiting for a free content worker is load, not the message's cost: a message that
+        # gets none before its deadline fails as any late scan does (tempfail), unblamed
+        async with asyncio.timeout_at(ctx.deadline):
+            job = await _content_job(view, ctx, phases)
+    except asyncio.TimeoutError:
+        return ScanResult(tuple(ctx.symbols), timings, failure="deadline")
+    try:
+        for phase, checks in phases:
+            started = time.perf_counter()
+            if ctx.remaining() <= 0:
+                return ScanResult(tuple(ctx.symbols), timings, failure="deadline")
+            try:
                 async with asyncio.timeout_at(loop.time() + max(ctx.remaining(), 0.0)):
-                    batches = await _run_phase(checks, view, ctx, default_timeout)
+                    batches = await _run_phase(phase, checks, view, ctx, default_timeout, job)
                 for batch in batches:
                     ctx.symbols.extend(batch)
-        except asyncio.TimeoutError:
+            except asyncio.TimeoutError:
+                timings[phase.name.lower()] = time.perf_counter() - started
+                return ScanResult(tuple(ctx.symbols), timings, failure="deadline")
             timings[phase.name.lower()] = time.perf_counter() - started
-            return ScanResult(tuple(ctx.symbols), timings, failure="deadline")
-        timings[phase.name.lower()] = time.perf_counter() - started
-        if ctx.remaining() <= 0:
-            return ScanResult(tuple(ctx.symbols), timings, failure="deadline")
-    return ScanResult(tuple(ctx.symbols), timings)
+            if ctx.remaining() <= 0:
+                return ScanResult(tuple(ctx.symbols), timings, failure="deadline")
+        return ScanResult(tuple(ctx.symbols), timings)
+    finally:
+        if job is not None:
+            job.close()
+
+
+async def _content_job(view: MessageView, ctx: ScanContext,
+                       phases: Sequence[tuple[Phase, Sequence[tuple[Any, CheckSpec]]]]) -> Any:
+    """The message's content job (filterd.pipeline.content): in a worker when the scan has
+    a content runner (ContentPool.submit), else run here; None when nothing reads content."""
+    from filterd.pipeline.content import InlineJob, stages_for
+    stages = stages_for(phases)
+    if not stages:
+        return None
+    budget = ctx.settings.scan.content_cpu_budget
+    if ctx.content_runner is None:
+        return InlineJob(view, ctx, stages, budget)
+    # the worker's answer must come before the deadline, with a second left to decide and
+    # answer the MTA: a worker that never answers ends in CONTENT_BUDGET, not in a 451
+    return await ctx.content_runner(view.raw, view.envelope, stages, budget, ctx.notes,
+                                    ctx.deadline - 1.0)

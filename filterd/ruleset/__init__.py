@@ -133,7 +133,8 @@ class Ruleset:
 # Symbols the pipeline itself emits; declared here so every symbol has a description.
 BUILTIN_SYMBOLS = {
     "CHECK_ERROR": "A check raised an error; the scan went on without it (options: check, error)",
-    "CHECK_TIMEOUT": "A check did not finish within its timeout (options: check)",
+    "CHECK_TIMEOUT": "A check did not finish within its timeout or the content CPU budget "
+                     "(options: check, or view.FORM when the view's own decoding crossed it)",
 }
 
 _TOML_HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
