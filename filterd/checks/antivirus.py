@@ -326,9 +326,10 @@ async def clamav(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
     report = await client.scan(msg.raw, timeout=budget)
     if not report.viruses and report.error is None and not report.oversize:
         depth = mime.configured_depth(ctx)
-        structure = msg.mime_structure(depth)
-        # a truncated view's parts are a prefix: only a duplicate header tells there
-        if structure.ambiguous or (not msg.truncated and mime.disagrees(structure, msg.parts)):
+        other_readings = ctx.notes.get(mime.OTHER_READINGS_NOTE)
+        if other_readings is None:  # no sanity check bound: walk the message here
+            other_readings = mime.has_other_readings(msg, depth)
+        if other_readings:
             report = await _scan_readings(client, msg, depth, budget - (loop.time() - started))
     ctx.notes["clamav_seconds"] = loop.time() - started
     if report.viruses:

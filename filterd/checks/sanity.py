@@ -117,6 +117,9 @@ def sanity(msg: MessageView, ctx: ScanContext) -> list[Symbol]:
     for name, places in msg.mime_structure(depth).symbols().items():
         if name not in emitted:
             out.append(Symbol(name, tuple(places[:_MAX_PLACES])))
+    notes = getattr(ctx, "notes", None)
+    if notes is not None:
+        notes[mime.OTHER_READINGS_NOTE] = mime.has_other_readings(msg, depth)
     if msg.truncated:
         out.append(Symbol("__CONTENT_TRUNCATED", (str(msg.content_limit),)))
     return out

@@ -36,13 +36,14 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from email.message import Message
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 if TYPE_CHECKING:
     from filterd.message import Part
 
 __all__ = ["Finding", "Leaf", "Structure", "analyse", "alternative_parts", "every_reading",
-           "cut_base64_defects", "configured_depth", "disagrees", "FINDING_SYMBOLS",
+           "cut_base64_defects", "configured_depth", "disagrees", "has_other_readings",
+           "OTHER_READINGS_NOTE", "FINDING_SYMBOLS",
            "BASE64_DEFECTS", "MAX_ENTITIES", "DEFAULT_MAX_DEPTH"]
 
 FINDING_SYMBOLS = ("MIME_DUPLICATE_CONTENT_TYPE", "MIME_DUPLICATE_TRANSFER_ENCODING",
@@ -410,6 +411,19 @@ def alternative_parts(raw: bytes, structure: Structure, primary: Sequence["Part"
 def disagrees(structure: Structure, primary: Sequence["Part"]) -> bool:
     """Whether some reading may show a part the parser's `primary` parts lack."""
     return structure.ambiguous or len(structure.leaves) != len(primary)
+
+
+# ctx.notes key: whether a message has parts that only another reading shows. The sanity check
+# sets it in the content job (a worker process in the daemon), so the antivirus check on the
+# event loop need not walk the message again.
+OTHER_READINGS_NOTE = "mime.other_readings"
+
+
+def has_other_readings(view: Any, depth: int) -> bool:
+    """Whether some reading of `view` (a MessageView) may hide a part from the parser's one."""
+    structure = view.mime_structure(depth)
+    # a truncated view's parts are a prefix: only a duplicate header tells there
+    return structure.ambiguous or (not view.truncated and disagrees(structure, view.parts))
 
 
 BASE64_DEFECTS = frozenset(("InvalidBase64PaddingDefect", "InvalidBase64CharactersDefect",
