@@ -18,16 +18,17 @@ from __future__ import annotations
 import codecs
 import email.base64mime
 import email.quoprimime
-import email.parser
+import email.feedparser
 import email.policy
 import email.utils
+import functools
 import html
 import ipaddress
 import re
 from dataclasses import dataclass, field
 from email.message import Message
 from functools import cached_property
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 __all__ = ["Envelope", "Relay", "Part", "Received", "MessageView", "parse", "decode_header_value",
            "html_to_text"]
@@ -728,8 +729,86 @@ def _split_headers(raw: bytes) -> list[tuple[str, str]]:
     return out
 
 
-_PARSER = email.parser.BytesParser(policy=email.policy.compat32)
 DEFAULT_CONTENT_LIMIT = 1024 * 1024
+
+# How the stdlib's feed parser writes each multipart boundary it waits for (email.feedparser):
+# a compiled "(?P<sep>" + re.escape("--" + boundary) + _BOUNDARY_TAIL.
+_BOUNDARY_HEAD = "(?P<sep>"
+_BOUNDARY_TAIL = r")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$"
+_UNESCAPE = re.compile(r"\\(.)", re.S)
+
+
+class _BoundaryLines(email.feedparser.BufferedSubFile):
+    """The feed parser's line buffer, answering "is this line a boundary of an enclosing
+    part?" with a dictionary lookup instead of trying every enclosing boundary's regex on
+    every line: that was O(depth) per line, so a few hundred nested multiparts over 1 MiB of
+    short lines cost ~10 s. A matcher not in the stdlib's boundary form is tried as before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kinds: list[str | None] = []         # per pushed matcher: its separator or None
+        self._separators: dict[str, int] = {}      # "--boundary" -> how many are pushed
+        self._others: dict[object, int] = {}       # any other matcher -> how many are pushed
+
+    def push_eof_matcher(self, pred: object) -> None:
+        super().push_eof_matcher(pred)
+        pattern = getattr(getattr(pred, "__self__", None), "pattern", None)
+        separator = _separator_of(pattern) if getattr(pred, "__name__", "") == "match" \
+            and isinstance(pattern, str) else None
+        self._kinds.append(separator)
+        if separator is None:
+            self._others[pred] = self._others.get(pred, 0) + 1
+        else:
+            self._separators[separator] = self._separators.get(separator, 0) + 1
+
+    def pop_eof_matcher(self) -> object:
+        pred = super().pop_eof_matcher()
+        separator = self._kinds.pop()
+        table: dict[Any, int] = self._others if separator is None else self._separators
+        key = pred if separator is None else separator
+        table[key] -= 1
+        if not table[key]:
+            del table[key]
+        return pred
+
+    def readline(self) -> Any:
+        if not self._lines:  # type: ignore[attr-defined]
+            return "" if self._closed else email.feedparser.NeedMoreData  # type: ignore[attr-defined]
+        line = self._lines.popleft()  # type: ignore[attr-defined]
+        if self._separators and line.startswith("--"):
+            # a line split by the parser ends in at most one of \r\n, \r, \n
+            rest = line.rstrip("\r\n").rstrip(" \t")
+            if rest in self._separators or (rest.endswith("--")
+                                            and rest[:-2] in self._separators):
+                self._lines.appendleft(line)  # type: ignore[attr-defined]
+                return ""
+        for pred in self._others:
+            if pred(line):  # type: ignore[operator]
+                self._lines.appendleft(line)  # type: ignore[attr-defined]
+                return ""
+        return line
+
+
+@functools.lru_cache(maxsize=256)  # a multipart pushes its boundary again for every part
+def _separator_of(pattern: str) -> str | None:
+    """The "--boundary" a feed parser boundary regex matches, None for any other regex."""
+    if not (pattern.startswith(_BOUNDARY_HEAD) and pattern.endswith(_BOUNDARY_TAIL)):
+        return None
+    escaped = pattern[len(_BOUNDARY_HEAD):-len(_BOUNDARY_TAIL)]
+    candidate = _UNESCAPE.sub(r"\1", escaped)
+    # a boundary ending in blanks could not be looked up by its stripped line (the stdlib
+    # strips them from every boundary, so this is only for safety)
+    if re.escape(candidate) != escaped or candidate != candidate.rstrip(" \t"):
+        return None
+    return candidate
+
+
+def _parse_bytes(data: bytes) -> Message:
+    """What email.parser.BytesParser(policy=compat32).parsebytes(data) returns."""
+    feed = email.feedparser.FeedParser(policy=email.policy.compat32)
+    feed._input = _BoundaryLines()  # type: ignore[attr-defined]
+    feed.feed(data.decode("ascii", "surrogateescape"))
+    return feed.close()
 
 
 def parse(raw: bytes, envelope: Envelope | None = None, *,
@@ -745,7 +824,7 @@ def parse(raw: bytes, envelope: Envelope | None = None, *,
     msg: Message | None
     error = None
     try:
-        msg = _PARSER.parsebytes(data)
+        msg = _parse_bytes(data)
     except RecursionError:
         msg, error = None, "NestingTooDeep"
     except Exception as exc:  # the stdlib parser is lenient, but not on everything

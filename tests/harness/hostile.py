@@ -66,6 +66,11 @@ def _bare_lt(size: int) -> bytes:
     return _padded(size, "text/html", "< ", MARKER_HTML)
 
 
+def _tag_blanks(size: int) -> bytes:
+    # "<" and half a mebibyte of blanks: a tag regex with two \s* tried every split of the run
+    return _single(size, "text/html", "<" + " " * _half(size) + MARKER_HTML + " " * size)
+
+
 def _long_attribute(size: int) -> bytes:
     # one opened quote that never closes, then a marker, then another 500 KB attribute
     body = ('<html><body><img alt="' + "x" * _half(size) + '" title="' + " " + MARKER_HTML
@@ -75,14 +80,14 @@ def _long_attribute(size: int) -> bytes:
 
 def _urls(size: int) -> bytes:
     lines = [f"www.{n:x}" for n in range(100_000 * size // SIZE)]
-    lines.insert(len(lines) // 2, MARKER_TEXT)
+    lines.insert(len(lines) * 11 // 20, MARKER_TEXT)  # after 500 KB of the ~930 KB
     return _single(size, "text/plain", " ".join(lines))
 
 
 def _hrefs(size: int) -> bytes:
     unit_count = size // 24
     refs = [f"<a href=http://{n:x}/>" for n in range(unit_count)]
-    refs.insert(len(refs) // 2, MARKER_HTML)
+    refs.insert(len(refs) * 11 // 20, MARKER_HTML)
     return _single(size, "text/html", "".join(refs))
 
 
@@ -104,6 +109,18 @@ def _nesting(size: int) -> bytes:
             "Content-Type: multipart/mixed; boundary=\"b0\"\r\n\r\n")
     data = (head + body).encode()
     return data + b"\r\n" + b"z" * max(0, size - len(data) - 2) if len(data) < size else data
+
+
+def _parts(size: int) -> bytes:
+    """One multipart/mixed of tiny text parts (about 25,000 in 1 MiB), the marker in one
+    half-way."""
+    unit = "--b\r\nContent-Type: text/plain\r\n\r\nx\r\n"
+    count = size // len(unit)
+    chunks = [unit] * count
+    chunks[count // 2] = f"--b\r\nContent-Type: text/plain\r\n\r\n{MARKER_TEXT}\r\n"
+    head = (_HEAD + "Subject: parts\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n")
+    return (head + "".join(chunks) + "--b--\r\n").encode()[:size]
 
 
 def _headers(size: int) -> bytes:
@@ -152,10 +169,12 @@ _BUILDERS = {
     "style": _style,
     "lt": _lt,
     "bare_lt": _bare_lt,
+    "tag_blanks": _tag_blanks,
     "long_attribute": _long_attribute,
     "urls": _urls,
     "hrefs": _hrefs,
     "nesting": _nesting,
+    "parts": _parts,
     "headers": _headers,
     "received": _received,
     "encoded_words": _encoded_words,
