@@ -575,9 +575,23 @@ def sa_canonical_uri(uri: str) -> str:
 
 
 _DECLARATION = re.compile(r"<![^>]*>")
+_DECLARATION_NOT_COMMENT = re.compile(r"<!(?!--)[^>]*>")
 # characters _declaration_only_urls may compare (URLs x text): each URL is searched for in the
 # whole text, so 100,000 URLs in 1 MB would be 10^11; about 0.1 s of str.find at this size
 DECLARATION_SEARCH_LIMIT = 100_000_000
+
+
+def _declarations(text: str) -> tuple[list[str], str]:
+    """The declarations of some HTML and the HTML without them, in one pass: only up to the
+    last ">" (the regex would try each "<!" after it to the end), and past the last "-->" an
+    unclosed "<!--" is no declaration (it would take everything up to the next ">", URLs
+    included, out of the URI list)."""
+    end = text.rfind(">") + 1
+    cut = text.rfind("-->", 0, end)
+    cut = cut + 3 if cut >= 0 else 0
+    head, tail, rest = text[:cut], text[cut:end], text[end:]
+    found = _DECLARATION.findall(head) + _DECLARATION_NOT_COMMENT.findall(tail)
+    return found, (_DECLARATION.sub(" ", head) + _DECLARATION_NOT_COMMENT.sub(" ", tail) + rest)
 
 
 def _declaration_only_urls(view: MessageView) -> set[str]:
@@ -587,10 +601,9 @@ def _declaration_only_urls(view: MessageView) -> set[str]:
     declarations, rest = [], []
     for part in view.text_parts:
         if part.content_type == "text/html" and "<!" in part.text:
-            # only up to the last ">": the regex would try each "<!" after it to the end
-            end = part.text.rfind(">") + 1
-            declarations.extend(_DECLARATION.findall(part.text, 0, end))
-            rest.append(_DECLARATION.sub(" ", part.text[:end]) + part.text[end:])
+            found, others = _declarations(part.text)
+            declarations.extend(found)
+            rest.append(others)
         else:
             rest.append(part.text)
     if not declarations:
