@@ -123,6 +123,21 @@ def _parts(size: int) -> bytes:
     return (head + "".join(chunks) + "--b--\r\n").encode()[:size]
 
 
+def _nesting_lines(size: int) -> bytes:
+    """400 nested multiparts (below the stdlib parser's recursion limit), then the innermost
+    text part: short lines to the end, the marker half-way (every line was once compared with
+    every enclosing boundary)."""
+    depth = 400
+    opening = "".join(f"--b{d}\r\nContent-Type: multipart/mixed; boundary=\"b{d + 1}\"\r\n\r\n"
+                      for d in range(depth))
+    head = (_HEAD + "Subject: nested lines\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: multipart/mixed; boundary=\"b0\"\r\n\r\n" + opening
+            + f"--b{depth}\r\nContent-Type: text/plain\r\n\r\n")
+    lines = max(0, (size - len(head)) // 4)
+    body = "--\r\n" * (lines // 2) + MARKER_TEXT + "\r\n" + "--\r\n" * (lines // 2)
+    return (head + body).encode()[:size]
+
+
 def _headers(size: int) -> bytes:
     lines = "".join(f"X-H{n}: v\r\n" for n in range(50_000 * size // SIZE))
     body = MARKER_TEXT + "\r\n"
@@ -174,6 +189,7 @@ _BUILDERS = {
     "urls": _urls,
     "hrefs": _hrefs,
     "nesting": _nesting,
+    "nesting_lines": _nesting_lines,
     "parts": _parts,
     "headers": _headers,
     "received": _received,
