@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import email.header
+import email.message
 import email.parser
 import email.policy
 import html
