@@ -1,14 +1,14 @@
 """CPU of `filterd scan` on hostile content: one row per class of tests/harness/hostile.py.
 
 Each class (unclosed "<!--", "<script>", "<style>", "<a" and "< " runs, "<" and 500 KB of
-blanks, a 500 KB attribute, 100,000 URLs, 43,000 href targets, ~10,000 levels of MIME nesting,
-400 levels over 1 MiB of short lines, 29,000 MIME parts, 50,000 headers, 6,000 Received headers,
-a Subject of 1 MiB of RFC 2047 words, and of "=?" openers that never close) is built at --size
-bytes (default 1 MiB) and scanned once by the Scanner, offline and with the shipped rules (what
-`filterd scan --offline` runs), in a child process pinned to one CPU with an RLIMIT_CPU of
---cpu-limit seconds, so a super-linear class shows as "> limit" instead of hanging the
-benchmark. Prints process CPU seconds per class, the slowest stages (--stages), and whether the
-marker placed after half the padding still reached the rules (URI_IP_HOST and
+blanks, 1 MiB of "=", a 500 KB attribute, 100,000 URLs, 43,000 href targets, ~10,000 levels of
+MIME nesting, 400 levels over 1 MiB of short lines, 29,000 MIME parts, 50,000 headers, 6,000
+Received headers, a Subject of 1 MiB of RFC 2047 words, and of "=?" openers that never close)
+is built at --size bytes (default 1 MiB) and scanned once by the Scanner, offline and with the
+shipped rules (what `filterd scan --offline` runs), in a child process pinned to one CPU with
+an RLIMIT_CPU of --cpu-limit seconds, so a super-linear class shows as "> limit" instead of
+hanging the benchmark. Prints process CPU seconds per class, the slowest stages (--stages), and
+whether the marker placed after half the padding still reached the rules (URI_IP_HOST and
 STRICTLY_CONFIDENTIAL fire, the URL is in the view's URL list). Writes bench/out/hostile.json.
 The test with a generous bound is tests/unit/test_hostile_content.py.
 """

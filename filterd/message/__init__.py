@@ -316,6 +316,9 @@ _HREF = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]+)""", re.I)
 
 
 _HREF_VALUE = re.compile(r"""\s*["']?([^"'\s>]+)""")
+# an "=" after the last letter of href, src or action (and blanks): no other character
+# lower()s to f, c or n, and a regex with the whole names has no fast prefix (3x slower)
+_HREF_CANDIDATE = re.compile(r"[fFcCnN]\s*=")
 # Characters IGNORECASE matching treats as a letter of href/src/action that str.lower() does
 # not turn into it (dotless i, dotted capital I, long s): a text with one takes the regex.
 _HREF_FOLD_SPECIALS = ("\u0130", "\u0131", "\u017f")
@@ -330,8 +333,12 @@ def href_targets(text: str) -> list[str]:
         return [m.group(1) for m in _HREF.finditer(text)]
     out: list[str] = []
     consumed = 0
-    eq = text.find("=")
-    while eq != -1:
+    # only such an "=" can start a value: 1 MiB of "=" cost 0.4 s when every "=" was
+    # checked in Python
+    for candidate in _HREF_CANDIDATE.finditer(text):
+        eq = candidate.end() - 1
+        if eq < consumed:
+            continue
         end = eq  # the attribute name ends before the blanks that precede "="
         while end > consumed and text[end - 1].isspace():
             end -= 1
@@ -343,9 +350,6 @@ def href_targets(text: str) -> list[str]:
             if value is not None:
                 out.append(value.group(1))
                 consumed = value.end()
-                eq = text.find("=", consumed)
-                continue
-        eq = text.find("=", eq + 1)
     return out
 
 

@@ -66,6 +66,11 @@ def _bare_lt(size: int) -> bytes:
     return _padded(size, "text/html", "< ", MARKER_HTML)
 
 
+def _equals(size: int) -> bytes:
+    # every "=" was a place where an href/src/action value might start
+    return _padded(size, "text/html", "=", MARKER_HTML)
+
+
 def _tag_blanks(size: int) -> bytes:
     # "<" and half a mebibyte of blanks: a tag regex with two \s* tried every split of the run
     return _single(size, "text/html", "<" + " " * _half(size) + MARKER_HTML + " " * size)
@@ -185,6 +190,7 @@ _BUILDERS = {
     "lt": _lt,
     "bare_lt": _bare_lt,
     "tag_blanks": _tag_blanks,
+    "equals": _equals,
     "long_attribute": _long_attribute,
     "urls": _urls,
     "hrefs": _hrefs,
