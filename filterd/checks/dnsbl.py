@@ -8,7 +8,9 @@ What it does:
                 under the list's zone.
   dnsbl.domain  looks up the registered domain (Public Suffix List) of every URL in the text
                 parts and, with senders = true, of the From, envelope sender and Reply-To
-                domains; de-duplicated, at most max_domains per message.
+                domains; de-duplicated, at most max_domains per message (the first ones:
+                senders, then URLs in order); a message with more adds URIBL_DOMAIN_LIMIT
+                (options: zone, max_domains) so the cap is visible, not silent.
 Each list is one [check.NAME] binding in rules/dnsbl.toml: its zone and a return-code -> symbol
 map (exact codes, or bit values with match = "bitmask" as URIBL uses), so a site adds a list
 without code.
@@ -21,7 +23,8 @@ Resolver hygiene: codes a list uses to say "your resolver is blocked / over quot
 (score 0), log a WARNING and raise the health flag of filterd.dns.health().
 Settings read: dns.* through the resolver; scan.trusted_networks through the message view.
 Symbols: the list symbols named in rules/dnsbl.toml (RCVD_IN_*, URIBL_*, DBL_*; options: the
-IP or domain looked up and the code), DNS_BLOCKED_RESOLVER, DNS_TIMEOUT, DNS_LOOKUP_LIMIT.
+IP or domain looked up and the code), DNS_BLOCKED_RESOLVER, DNS_TIMEOUT, DNS_LOOKUP_LIMIT,
+URIBL_DOMAIN_LIMIT.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import asyncio
 import email.utils
 import ipaddress
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from filterd.dns import (OK, in_networks, note_blocked_resolver, registered_domain,
@@ -136,48 +139,60 @@ def url_host(url: str) -> str | None:
 
 def message_domains(msg: MessageView, *, urls: bool, senders: bool, max_domains: int) -> list[str]:
     """Registered domains to look up, senders first, de-duplicated, capped."""
+    return _message_domains(msg, urls=urls, senders=senders, max_domains=max_domains)[0]
+
+
+def _message_domains(msg: MessageView, *, urls: bool, senders: bool, max_domains: int
+                     ) -> tuple[list[str], bool]:
+    """(the first max_domains registered domains, whether the message has more). Hosts are
+    read lazily: a message with 100,000 URLs costs the URLs up to one domain past the cap."""
     seen: dict[str, None] = {}
-    hosts: list[str] = []
-    if senders:
-        env_from = msg.envelope.mail_from
-        reply_to = email.utils.parseaddr(msg.first("Reply-To"))[1]
-        for addr in (msg.from_address, env_from, reply_to):
-            if addr and "@" in addr:
-                hosts.append(addr.rpartition("@")[2].strip(" >").lower())
-    if urls:
-        hosts.extend(h for h in (url_host(u) for u in msg.urls) if h)
-    for host in hosts:
+
+    def hosts() -> Iterator[str]:
+        if senders:
+            env_from = msg.envelope.mail_from
+            reply_to = email.utils.parseaddr(msg.first("Reply-To"))[1]
+            for addr in (msg.from_address, env_from, reply_to):
+                if addr and "@" in addr:
+                    yield addr.rpartition("@")[2].strip(" >").lower()
+        if urls:
+            for url in msg.urls:
+                host = url_host(url)
+                if host:
+                    yield host
+
+    for host in hosts():
         domain = registered_domain(host)
-        if domain:
-            seen.setdefault(domain, None)
-        if len(seen) >= max_domains:
-            break
-    return list(seen)
+        if domain and domain not in seen:
+            if len(seen) >= max_domains:
+                return list(seen), True
+            seen[domain] = None
+    return list(seen), False
 
 
 def lookup_domains(msg: MessageView, ctx: ScanContext, *, urls: bool = True,
                    senders: bool = True, max_domains: int = 20, skip: Sequence[str] = (),
-                   **_: Any) -> list[str]:
-    """The domains dnsbl.domain looks up: its prepare step, which reads the URLs (the costly
-    part) in the content job, off the event loop."""
+                   **_: Any) -> tuple[list[str], bool]:
+    """(the domains dnsbl.domain looks up, whether the message has more than max_domains): its
+    prepare step, which reads the URLs (the costly part) in the content job, off the loop."""
     skipped = {d.lower() for d in skip}
-    return [d for d in message_domains(msg, urls=urls, senders=senders,
-                                       max_domains=max_domains) if d not in skipped]
+    found, more = _message_domains(msg, urls=urls, senders=senders, max_domains=max_domains)
+    return [d for d in found if d not in skipped], more
 
 
 @check("dnsbl.domain", phase=Phase.MAIN, network=True,
-       symbols=("DNS_BLOCKED_RESOLVER", "DNS_TIMEOUT", "DNS_LOOKUP_LIMIT"),
+       symbols=("DNS_BLOCKED_RESOLVER", "DNS_TIMEOUT", "DNS_LOOKUP_LIMIT", "URIBL_DOMAIN_LIMIT"),
        prepare=lookup_domains)
 async def dnsbl_domain(msg: MessageView, ctx: ScanContext, *, zone: str,
                        codes: Mapping[str, str], symbol: str | None = None,
                        match: str = "exact", blocked_codes: Sequence[str] = (),
                        urls: bool = True, senders: bool = True,
                        max_domains: int = 20, skip: Sequence[str] = (),
-                       prepared: list[str] | None = None) -> list[Symbol]:
+                       prepared: tuple[list[str], bool] | None = None) -> list[Symbol]:
     """Look up the registered domains of URLs and senders in one domain list."""
     if ctx.dns is None:
         return []
-    domains = prepared if prepared is not None else lookup_domains(
+    domains, more = prepared if prepared is not None else lookup_domains(
         msg, ctx, urls=urls, senders=senders, max_domains=max_domains, skip=skip)
     answers = await asyncio.gather(*(ctx.dns.query(f"{d}.{zone}", "A", ctx=ctx)
                                      for d in domains))
@@ -186,4 +201,6 @@ async def dnsbl_domain(msg: MessageView, ctx: ScanContext, *, zone: str,
         if answer.status == OK:
             out.extend(interpret(answer.records, zone=zone, queried=domain, codes=codes,
                                  match=match, blocked_codes=blocked_codes, symbol=symbol))
+    if more:  # the domains past the cap were not looked up: say so rather than hide it
+        out.append(Symbol("URIBL_DOMAIN_LIMIT", (zone, str(max_domains))))
     return _dedupe(out) + report_problems(ctx, "uribl")

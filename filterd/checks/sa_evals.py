@@ -308,6 +308,7 @@ _WORD_END = re.compile(rf"[^{_PUNCT_OR_SPACE}]\Z", re.S)
 _NAMESPACED = re.compile(r"^(?:o|st\d):[\w-]+/?$")
 _SELF_CLOSING = re.compile(r"<(\w+)\s*/>")
 _COMMENTS = re.compile(r"<!--.*?-->|<!(?!--|\[|doctype)[^>]*>", re.S | re.I)
+_DECLARATIONS_NOT_COMMENTS = re.compile(r"<!(?!--|\[|doctype)[^>]*>", re.S | re.I)
 
 
 @dataclass
@@ -438,11 +439,42 @@ def _img_dimension(value: str, percent_factor: int) -> int:
     return int(m.group(1)) * (percent_factor if m.group(2) else 1)
 
 
+_COMMENT_CLOSE = re.compile(r"--\s*>")     # where html.parser ends a comment
+
+
+def _comments(source: str) -> list[str]:
+    """_COMMENTS.findall(source), linear: "<!--" past the last "-->" and "<!" past the last
+    ">" can match nothing, and the regex would try each of them to the end of the text."""
+    cut = source.rfind("-->")
+    cut = cut + 3 if cut >= 0 else 0
+    tail = source[cut:source.rfind(">") + 1] if source.rfind(">") >= cut else ""
+    return _COMMENTS.findall(source[:cut]) + _DECLARATIONS_NOT_COMMENTS.findall(tail)
+
+
+def _closed_markup(text: str) -> str:
+    """The markup with every "<" that can never be closed written as "&lt;": a "<" after the
+    last ">", and a "<!--" after the last comment end. html.parser (before Python 3.13.4 /
+    3.12.11) rescans to the end of the text for each of them when it is closed, which made
+    1 MiB of "<a" or "<!--" cost minutes; as "&lt;" it is the text it renders anyway."""
+    last = text.rfind(">")
+    if "<" in text[last + 1:]:
+        text = text[:last + 1] + text[last + 1:].replace("<", "&lt;")
+    last_close = None
+    for last_close in _COMMENT_CLOSE.finditer(text):
+        pass
+    start = last_close.start() - 3 if last_close is not None else 0
+    if "<!--" in text[max(start, 0):]:
+        # an opener whose "--" begins at or before the last close still reaches it
+        keep = max(start, 0)
+        text = text[:keep] + text[keep:].replace("<!--", "&lt;!--")
+    return text
+
+
 def html_inventory(source: str) -> HtmlInventory:
     """HTML.pm's results for one text/html part (tag counts, comments, anchors, titles...)."""
     inv = HtmlInventory(length=len(source))
-    inv.comment = _COMMENTS.findall(source)
-    text = _SELF_CLOSING.sub(r"<\1>", source.replace("&nbsp;", " "))
+    inv.comment = _comments(source)
+    text = _closed_markup(_SELF_CLOSING.sub(r"<\1>", source.replace("&nbsp;", " ")))
     parser = _InventoryParser(inv)
     try:
         parser.feed(text)
@@ -543,6 +575,23 @@ def sa_canonical_uri(uri: str) -> str:
 
 
 _DECLARATION = re.compile(r"<![^>]*>")
+_DECLARATION_NOT_COMMENT = re.compile(r"<!(?!--)[^>]*>")
+# characters _declaration_only_urls may compare (URLs x text): each URL is searched for in the
+# whole text, so 100,000 URLs in 1 MB would be 10^11; about 0.1 s of str.find at this size
+DECLARATION_SEARCH_LIMIT = 100_000_000
+
+
+def _declarations(text: str) -> tuple[list[str], str]:
+    """The declarations of some HTML and the HTML without them, in one pass: only up to the
+    last ">" (the regex would try each "<!" after it to the end), and past the last "-->" an
+    unclosed "<!--" is no declaration (it would take everything up to the next ">", URLs
+    included, out of the URI list)."""
+    end = text.rfind(">") + 1
+    cut = text.rfind("-->", 0, end)
+    cut = cut + 3 if cut >= 0 else 0
+    head, tail, rest = text[:cut], text[cut:end], text[end:]
+    found = _DECLARATION.findall(head) + _DECLARATION_NOT_COMMENT.findall(tail)
+    return found, (_DECLARATION.sub(" ", head) + _DECLARATION_NOT_COMMENT.sub(" ", tail) + rest)
 
 
 def _declaration_only_urls(view: MessageView) -> set[str]:
@@ -552,14 +601,18 @@ def _declaration_only_urls(view: MessageView) -> set[str]:
     declarations, rest = [], []
     for part in view.text_parts:
         if part.content_type == "text/html" and "<!" in part.text:
-            declarations.extend(_DECLARATION.findall(part.text))
-            rest.append(_DECLARATION.sub(" ", part.text))
+            found, others = _declarations(part.text)
+            declarations.extend(found)
+            rest.append(others)
         else:
             rest.append(part.text)
     if not declarations:
         return set()
     declared_text, other_text = "\n".join(declarations), "\n".join(rest)
-    return {url for url in view.urls if url in declared_text and url not in other_text}
+    urls = view.urls
+    if len(urls) * (len(declared_text) + len(other_text)) > DECLARATION_SEARCH_LIMIT:
+        return set()     # past the cap every URL stays in the list: none is hidden
+    return {url for url in urls if url in declared_text and url not in other_text}
 
 
 def sa_uris(view: MessageView) -> list[str]:
@@ -581,8 +634,9 @@ def sa_uris(view: MessageView) -> list[str]:
         if part.content_type == "text/html":
             for found in _MAILTO_HREF.finditer(text):
                 out.setdefault("mailto:" + html.unescape(found.group(1)), None)
-        for found in _EMAIL.finditer(text):
-            out.setdefault("mailto:" + found.group(1), None)
+        if "@" in text:  # the address regex costs ~60 steps at every character
+            for found in _EMAIL.finditer(text):
+                out.setdefault("mailto:" + found.group(1), None)
     return list(out)
 
 

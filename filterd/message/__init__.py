@@ -16,17 +16,19 @@ policy.default on these corpora, and the decoding done lazily here is all we nee
 from __future__ import annotations
 
 import codecs
-import email.header
-import email.parser
+import email.base64mime
+import email.quoprimime
+import email.feedparser
 import email.policy
 import email.utils
+import functools
 import html
 import ipaddress
 import re
 from dataclasses import dataclass, field
 from email.message import Message
 from functools import cached_property
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from filterd.message import mime
 
@@ -126,37 +128,152 @@ _FOLD = re.compile(r"\r?\n[ \t]+")
 
 
 def decode_header_value(value: str) -> str:
-    """RFC 2047-decode one header value into text, unfolded; never raises."""
+    """RFC 2047-decode one header value into text, unfolded; never raises. Linear in the value
+    (see _encoded_chunks)."""
     value = _FOLD.sub(" ", _unsurrogate(value)).replace("\r", "").replace("\n", "")
     if "=?" not in value or not _ENCODED_WORD.search(value):
         return value.strip()
     try:
-        chunks = email.header.decode_header(value)
-    except Exception:
+        chunks = _encoded_chunks(value)
+    except Exception:  # e.g. a base64 word that does not decode
         return value.strip()
-    out = []
-    for chunk, charset in chunks:
-        if isinstance(chunk, bytes):
-            out.append(decode_bytes(chunk, charset or "ascii"))
+    return "".join(decode_bytes(chunk, charset or "ascii") for chunk, charset in chunks).strip()
+
+
+def _encoded_words(line: str) -> Iterator[tuple[int, int, str, str, str]]:
+    """(start, end, charset, encoding, encoded) of each encoded word of one line, as
+    email.header's `=\\?([^?]*?)\\?([qQbB])\\?(.*?)\\?=` finds them, but in one pass: the
+    stdlib regex, tried at every "=?", looked for "?=" to the end of the line each time."""
+    start = line.find("=?")
+    while start >= 0:
+        mark = line.find("?", start + 2)         # the charset runs to the first "?"
+        if mark < 0:
+            return
+        if line[mark + 1:mark + 2] in ("q", "Q", "b", "B") and line[mark + 2:mark + 3] == "?":
+            end = line.find("?=", mark + 3)
+            if end < 0:  # no "?=" after this word's text, nor after any later word's
+                return
+            yield start, end + 2, line[start + 2:mark], line[mark + 1], line[mark + 3:end]
+            start = line.find("=?", end + 2)
         else:
-            out.append(chunk)
-    return "".join(out).strip()
+            start = line.find("=?", start + 1)
 
 
-_SCRIPT_STYLE = re.compile(r"<(script|style|head)\b.*?</\1\s*>", re.S | re.I)
-_COMMENT = re.compile(r"<!--.*?-->", re.S)
-_BLOCK_TAG = re.compile(r"<\s*/?\s*(br|p|div|tr|li|h[1-6]|table|td|th|blockquote)\b[^>]*>", re.I)
+def _encoded_chunks(value: str) -> list[tuple[bytes, str | None]]:
+    """What email.header.decode_header returns for a value with encoded words — the same
+    (bytes, charset) runs, its quirks included — in time linear in the value (the stdlib's
+    list.pop(0), del and bytes += are quadratic in the number of words)."""
+    words: list[tuple[str, str | None, str | None]] = []   # (text, encoding, charset)
+    for line in value.splitlines():
+        pos = 0
+        for start, end, charset, encoding, encoded in _encoded_words(line):
+            unencoded = line[pos:start]
+            if pos == 0:
+                unencoded = unencoded.lstrip()
+            if unencoded:
+                words.append((unencoded, None, None))
+            words.append((encoded, encoding.lower(), charset.lower()))
+            pos = end
+        unencoded = line[pos:].lstrip() if pos == 0 else line[pos:]
+        if unencoded:
+            words.append((unencoded, None, None))
+    # blanks between two encoded words go (the stdlib tests only that the text is blank)
+    dropped = {n - 1 for n in range(2, len(words))
+               if words[n][1] and words[n - 2][1] and words[n - 1][0].isspace()}
+    runs: list[tuple[list[bytes], str | None]] = []
+    for n, (text, encoding, charset) in enumerate(words):
+        if n in dropped:
+            continue
+        if encoding == "q":
+            word = bytes(email.quoprimime.header_decode(text), "raw-unicode-escape")
+        elif encoding == "b":
+            missing = len(text) % 4   # Postel's law: add missing padding, as the stdlib does
+            word = email.base64mime.decode(text + "==="[:4 - missing] if missing else text)
+        else:
+            word = bytes(text, "raw-unicode-escape")
+        if runs and runs[-1][1] == charset:
+            runs[-1][0].append(word)
+        else:
+            runs.append(([word], charset))
+    return [((b" " if charset is None else b"").join(parts), charset) for parts, charset in runs]
+
+
+# html_to_text strips markup in the order below, as four regexes did (<!--.*?-->, then
+# <(script|style|head)\b.*?</\1\s*>, block tags to newlines, then <[^>]*>), with the same
+# output; but those regexes, retried at every unclosed opener, rescanned to the end of the text
+# each time (200 KB of "<!--" took a minute). Each step here is one left-to-right pass: an
+# opener whose closer is missing is known to stay unclosed for every later opener of its kind.
+_ELEMENT_OPEN = re.compile(r"<(script|style|head)\b", re.I)
+_ELEMENT_CLOSE = {name: re.compile(rf"</{name}\s*+>", re.I) for name in ("script", "style", "head")}
+# \s*+ (possessive): "<" and a long run of blanks would otherwise be retried as every split of
+# the run between the two \s* (quadratic in the run)
+_BLOCK_TAG = re.compile(r"<\s*+/?\s*+(?:br|p|div|tr|li|h[1-6]|table|td|th|blockquote)\b[^>]*>",
+                        re.I)
 _TAG = re.compile(r"<[^>]*>")
 _SPACES = re.compile(r"[ \t\r\f\v]+")
 _BLANK_LINES = re.compile(r"\n\s*\n+")
 
 
+def _drop_comments(markup: str) -> str:
+    """Each <!-- ... --> to one blank; an unclosed <!-- is left as text (as are all after it)."""
+    start = markup.find("<!--")
+    if start < 0:
+        return markup
+    out: list[str] = []
+    pos = 0
+    while start >= 0:
+        end = markup.find("-->", start + 4)
+        if end < 0:  # no "-->" after this opener, so none after any later one either
+            break
+        out.append(markup[pos:start])
+        out.append(" ")
+        pos = end + 3
+        start = markup.find("<!--", pos)
+    out.append(markup[pos:])
+    return "".join(out)
+
+
+def _drop_elements(markup: str) -> str:
+    """Each script, style and head element (opener to the first matching closer) to a blank."""
+    opener = _ELEMENT_OPEN.search(markup)
+    if opener is None:
+        return markup
+    out: list[str] = []
+    pos = 0
+    closers: dict[str, re.Match[str] | None] = {}  # name -> first closer at/after last search
+    while opener is not None:
+        name = opener.group(1).lower()
+        closer = closers.get(name, False)
+        if closer is False or (closer is not None and closer.start() < opener.end()):
+            closer = closers[name] = _ELEMENT_CLOSE[name].search(markup, opener.end())
+        if closer is None:  # unclosed, and so is every later opener of this name
+            opener = _ELEMENT_OPEN.search(markup, opener.end())
+            continue
+        out.append(markup[pos:opener.start()])
+        out.append(" ")
+        pos = closer.end()
+        opener = _ELEMENT_OPEN.search(markup, pos)
+    out.append(markup[pos:])
+    return "".join(out)
+
+
+def _sub_tags(pattern: re.Pattern[str], replacement: str, text: str) -> str:
+    """pattern.sub over the text up to its last ">": no tag can end past it, and a "<" with
+    no ">" after it would otherwise be retried to the end of the text at every "<"."""
+    last = text.rfind(">")
+    if last < 0:
+        return text
+    return pattern.sub(replacement, text[:last + 1]) + text[last + 1:]
+
+
 def html_to_text(markup: str) -> str:
-    """The visible text of an HTML part, roughly as a mail client renders it."""
-    text = _COMMENT.sub(" ", markup)
-    text = _SCRIPT_STYLE.sub(" ", text)
-    text = _BLOCK_TAG.sub("\n", text)
-    text = _TAG.sub("", text)
+    """The visible text of an HTML part, roughly as a mail client renders it. Linear in the
+    markup: unclosed comments, elements and tags are kept as text, so nothing they hide is
+    lost to the body rules."""
+    text = _drop_comments(markup)
+    text = _drop_elements(text)
+    text = _sub_tags(_BLOCK_TAG, "\n", text)
+    text = _sub_tags(_TAG, "", text)
     text = html.unescape(text)
     text = _SPACES.sub(" ", text)
     return _BLANK_LINES.sub("\n", text).strip()
@@ -201,6 +318,9 @@ _HREF = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]+)""", re.I)
 
 
 _HREF_VALUE = re.compile(r"""\s*["']?([^"'\s>]+)""")
+# an "=" after the last letter of href, src or action (and blanks): no other character
+# lower()s to f, c or n, and a regex with the whole names has no fast prefix (3x slower)
+_HREF_CANDIDATE = re.compile(r"[fFcCnN]\s*=")
 # Characters IGNORECASE matching treats as a letter of href/src/action that str.lower() does
 # not turn into it (dotless i, dotted capital I, long s): a text with one takes the regex.
 _HREF_FOLD_SPECIALS = ("\u0130", "\u0131", "\u017f")
@@ -215,8 +335,12 @@ def href_targets(text: str) -> list[str]:
         return [m.group(1) for m in _HREF.finditer(text)]
     out: list[str] = []
     consumed = 0
-    eq = text.find("=")
-    while eq != -1:
+    # only such an "=" can start a value: 1 MiB of "=" cost 0.4 s when every "=" was
+    # checked in Python
+    for candidate in _HREF_CANDIDATE.finditer(text):
+        eq = candidate.end() - 1
+        if eq < consumed:
+            continue
         end = eq  # the attribute name ends before the blanks that precede "="
         while end > consumed and text[end - 1].isspace():
             end -= 1
@@ -228,9 +352,6 @@ def href_targets(text: str) -> list[str]:
             if value is not None:
                 out.append(value.group(1))
                 consumed = value.end()
-                eq = text.find("=", consumed)
-                continue
-        eq = text.find("=", eq + 1)
     return out
 
 
@@ -641,8 +762,86 @@ def _split_headers(raw: bytes) -> list[tuple[str, str]]:
     return out
 
 
-_PARSER = email.parser.BytesParser(policy=email.policy.compat32)
 DEFAULT_CONTENT_LIMIT = 1024 * 1024
+
+# How the stdlib's feed parser writes each multipart boundary it waits for (email.feedparser):
+# a compiled "(?P<sep>" + re.escape("--" + boundary) + _BOUNDARY_TAIL.
+_BOUNDARY_HEAD = "(?P<sep>"
+_BOUNDARY_TAIL = r")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$"
+_UNESCAPE = re.compile(r"\\(.)", re.S)
+
+
+class _BoundaryLines(email.feedparser.BufferedSubFile):
+    """The feed parser's line buffer, answering "is this line a boundary of an enclosing
+    part?" with a dictionary lookup instead of trying every enclosing boundary's regex on
+    every line: that was O(depth) per line, so a few hundred nested multiparts over 1 MiB of
+    short lines cost ~10 s. A matcher not in the stdlib's boundary form is tried as before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kinds: list[str | None] = []         # per pushed matcher: its separator or None
+        self._separators: dict[str, int] = {}      # "--boundary" -> how many are pushed
+        self._others: dict[object, int] = {}       # any other matcher -> how many are pushed
+
+    def push_eof_matcher(self, pred: object) -> None:
+        super().push_eof_matcher(pred)
+        pattern = getattr(getattr(pred, "__self__", None), "pattern", None)
+        separator = _separator_of(pattern) if getattr(pred, "__name__", "") == "match" \
+            and isinstance(pattern, str) else None
+        self._kinds.append(separator)
+        if separator is None:
+            self._others[pred] = self._others.get(pred, 0) + 1
+        else:
+            self._separators[separator] = self._separators.get(separator, 0) + 1
+
+    def pop_eof_matcher(self) -> object:
+        pred = super().pop_eof_matcher()
+        separator = self._kinds.pop()
+        table: dict[Any, int] = self._others if separator is None else self._separators
+        key = pred if separator is None else separator
+        table[key] -= 1
+        if not table[key]:
+            del table[key]
+        return pred
+
+    def readline(self) -> Any:
+        if not self._lines:  # type: ignore[attr-defined]
+            return "" if self._closed else email.feedparser.NeedMoreData  # type: ignore[attr-defined]
+        line = self._lines.popleft()  # type: ignore[attr-defined]
+        if self._separators and line.startswith("--"):
+            # a line split by the parser ends in at most one of \r\n, \r, \n
+            rest = line.rstrip("\r\n").rstrip(" \t")
+            if rest in self._separators or (rest.endswith("--")
+                                            and rest[:-2] in self._separators):
+                self._lines.appendleft(line)  # type: ignore[attr-defined]
+                return ""
+        for pred in self._others:
+            if pred(line):  # type: ignore[operator]
+                self._lines.appendleft(line)  # type: ignore[attr-defined]
+                return ""
+        return line
+
+
+@functools.lru_cache(maxsize=256)  # a multipart pushes its boundary again for every part
+def _separator_of(pattern: str) -> str | None:
+    """The "--boundary" a feed parser boundary regex matches, None for any other regex."""
+    if not (pattern.startswith(_BOUNDARY_HEAD) and pattern.endswith(_BOUNDARY_TAIL)):
+        return None
+    escaped = pattern[len(_BOUNDARY_HEAD):-len(_BOUNDARY_TAIL)]
+    candidate = _UNESCAPE.sub(r"\1", escaped)
+    # a boundary ending in blanks could not be looked up by its stripped line (the stdlib
+    # strips them from every boundary, so this is only for safety)
+    if re.escape(candidate) != escaped or candidate != candidate.rstrip(" \t"):
+        return None
+    return candidate
+
+
+def _parse_bytes(data: bytes) -> Message:
+    """What email.parser.BytesParser(policy=compat32).parsebytes(data) returns."""
+    feed = email.feedparser.FeedParser(policy=email.policy.compat32)
+    feed._input = _BoundaryLines()  # type: ignore[attr-defined]
+    feed.feed(data.decode("ascii", "surrogateescape"))
+    return feed.close()
 
 
 def parse(raw: bytes, envelope: Envelope | None = None, *,
@@ -658,7 +857,7 @@ def parse(raw: bytes, envelope: Envelope | None = None, *,
     msg: Message | None
     error = None
     try:
-        msg = _PARSER.parsebytes(data)
+        msg = _parse_bytes(data)
     except RecursionError:
         msg, error = None, "NestingTooDeep"
     except Exception as exc:  # the stdlib parser is lenient, but not on everything

@@ -288,6 +288,25 @@ def test_uribl_bitmask_and_blocked_code(zone, caplog):
     assert not zone.queried("www.example.co.uk.multi.test")
 
 
+def test_domain_cap_is_reported_not_silent(zone):
+    """Past max_domains the remaining domains are not looked up, and URIBL_DOMAIN_LIMIT says so
+    (an attacker's decoy domains first must not quietly hide the listed one)."""
+    zone.add("listed.test.multi.test", "A", "127.0.0.2")
+    decoys = " ".join(f"http://d{n}.test/" for n in range(3))
+    view = msg_from("192.0.2.10", body=f"{decoys} http://www.listed.test/\n")
+
+    async def go(cap):
+        return await dnsbl_domain(view, make_ctx(make_resolver(zone)), zone="multi.test",
+                                  match="bitmask", codes={"2": "URIBL_BLACK"}, senders=False,
+                                  max_domains=cap)
+
+    capped = {s.name: s.options for s in asyncio.run(go(3))}
+    assert capped == {"URIBL_DOMAIN_LIMIT": ("multi.test", "3")}
+    assert not zone.queried("listed.test.multi.test", "A")
+    whole = {s.name: s.options for s in asyncio.run(go(4))}
+    assert whole == {"URIBL_BLACK": ("listed.test", "127.0.0.2")}
+
+
 def test_dbl_exact_codes_on_sender_domain(zone):
     zone.add("sender.test.dbl.test", "A", "127.0.1.2")
 
