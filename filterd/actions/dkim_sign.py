@@ -20,7 +20,6 @@ problem is logged (once per key file and error).
 from __future__ import annotations
 
 import base64
-import email.utils
 import logging
 import re
 import threading
@@ -30,7 +29,7 @@ from typing import Any
 
 import dkim
 
-from filterd.message import decode_header_value
+from filterd.message import decode_header_value, parse_address
 
 log = logging.getLogger("filterd.dkim")
 
@@ -166,7 +165,7 @@ def from_domain(message: bytes) -> str:
     if not m:
         return ""
     value = decode_header_value(m.group(1).decode("ascii", "surrogateescape"))
-    addr = email.utils.parseaddr(value)[1]
+    addr = parse_address(value)[1]
     return addr.rpartition("@")[2].lower() if "@" in addr else ""
 
 

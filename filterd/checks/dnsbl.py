@@ -30,7 +30,6 @@ URIBL_DOMAIN_LIMIT.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import ipaddress
 import re
 from typing import Any, Iterator, Mapping, Sequence
@@ -38,7 +37,7 @@ from urllib.parse import urlsplit
 
 from filterd.dns import (OK, in_networks, note_blocked_resolver, registered_domain,
                          report_problems, reverse_ip)
-from filterd.message import MessageView
+from filterd.message import MessageView, parse_address
 from filterd.pipeline import Phase, ScanContext, check
 from filterd.policy import Symbol
 
@@ -151,7 +150,7 @@ def _message_domains(msg: MessageView, *, urls: bool, senders: bool, max_domains
     def hosts() -> Iterator[str]:
         if senders:
             env_from = msg.envelope.mail_from
-            reply_to = email.utils.parseaddr(msg.first("Reply-To"))[1]
+            reply_to = parse_address(msg.first("Reply-To"))[1]
             for addr in (msg.from_address, env_from, reply_to):
                 if addr and "@" in addr:
                     yield addr.rpartition("@")[2].strip(" >").lower()

@@ -280,3 +280,35 @@ def test_href_finder_agrees_on_the_corpus(corpus_files):
     for path in corpus_files[::7]:
         for part in parse(path.read_bytes()).text_parts:
             assert href_targets(part.text) == [m.group(1) for m in _HREF.finditer(part.text)], path
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("@" * 1_000_000, ""),
+    ("a" * 1_000_000, ""),
+    ("(" * 200_000, ""),
+    ("x" * 600_000 + " <Bob@Example.COM>", "bob@example.com"),
+    ("<" * 600_000 + " bob@example.com", "bob@example.com"),
+    ("a@b.example, " * 100_000, "a@b.example"),
+])
+def test_hostile_from_header_is_read_in_linear_time(value, expected):
+    """The sender address is read on the event loop (authentication, the log line): a From
+    header past ADDRESS_PARSE_LIMIT is read by a linear pattern (parseaddr took 2 s for 1 MiB of
+    '@' and raised RecursionError on '(' runs), and the address after the padding is found."""
+    raw = b"From: " + value.encode() + b"\r\nTo: x@y.example\r\nSubject: t\r\n\r\nhello\r\n"
+    view = parse(raw)
+    started = time.process_time()
+    assert view.from_address == expected
+    assert time.process_time() - started < 0.5   # generous: about 0.03 s here
+
+
+@pytest.mark.corpus
+def test_parse_address_is_parseaddr_on_the_corpus(corpus_files):
+    import email.utils
+
+    from filterd.message import ADDRESS_PARSE_LIMIT, parse_address
+    values = [v for path in corpus_files[::3] for name in ("From", "Reply-To")
+              for v in parse(path.read_bytes()).header(name)]
+    assert len(values) > 3000
+    assert max(len(v) for v in values) < ADDRESS_PARSE_LIMIT   # no real header comes near it
+    for value in values:
+        assert parse_address(value) == email.utils.parseaddr(value), value
