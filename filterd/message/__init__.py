@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from filterd.message import mime
 
 __all__ = ["Envelope", "Relay", "Part", "Received", "MessageView", "parse", "decode_header_value", "parse_address",
+           "parse_addresses",
            "html_to_text"]
 
 
@@ -138,6 +139,24 @@ _ADDR_CHARS = r"[^\s<>,;:\"()@\[\]\\]"
 # long run without "@" is passed over once, not once for each of its positions.
 _ANGLE_ADDR = re.compile(rf"<({_ADDR_CHARS}+@{_ADDR_CHARS}+)>")
 _BARE_ADDR = re.compile(rf"(?<!{_ADDR_CHARS})({_ADDR_CHARS}+@{_ADDR_CHARS}+)")
+
+
+def parse_addresses(values: list[str]) -> list[tuple[str, str]]:
+    """(display name, address) pairs of address header values, as email.utils.getaddresses
+    gives them while they fit ADDRESS_PARSE_LIMIT; a longer value gives ("", address) for every
+    addr-spec in it, in linear time."""
+    try:
+        if sum(len(v) for v in values) <= ADDRESS_PARSE_LIMIT:
+            return email.utils.getaddresses(values)
+        pairs: list[tuple[str, str]] = []
+        for value in values:
+            if len(value) <= ADDRESS_PARSE_LIMIT:
+                pairs.extend(email.utils.getaddresses([value]))
+            else:
+                pairs.extend(("", addr) for addr in _BARE_ADDR.findall(value))
+        return pairs
+    except Exception:  # RecursionError on deep comments, among others
+        return []
 
 
 def parse_address(value: str) -> tuple[str, str]:

@@ -27,7 +27,6 @@ m (^/$ at every line), x (verbose).
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import logging
 import re
@@ -39,7 +38,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
-from filterd.message import MessageView, decode_header_value
+from filterd.message import MessageView, decode_header_value, parse_addresses
 from filterd.ruleset.exact import translate
 from filterd.ruleset.expr import Expression, ExpressionError, compile_expression
 
@@ -874,10 +873,7 @@ class _Texts:
 
 
 def _address_part(values: list[str], modifier: str) -> str:
-    try:
-        pairs = email.utils.getaddresses(values)
-    except Exception:
-        pairs = []
+    pairs = parse_addresses(values)
     index = 1 if modifier == "addr" else 0
     return "\n".join(p[index] for p in pairs)
 

@@ -312,3 +312,25 @@ def test_parse_address_is_parseaddr_on_the_corpus(corpus_files):
     assert max(len(v) for v in values) < ADDRESS_PARSE_LIMIT   # no real header comes near it
     for value in values:
         assert parse_address(value) == email.utils.parseaddr(value), value
+
+
+@pytest.mark.corpus
+def test_parse_addresses_is_getaddresses_on_the_corpus(corpus_files):
+    import email.utils
+
+    from filterd.message import parse_addresses
+    for path in corpus_files[::3]:
+        view = parse(path.read_bytes())
+        for name in ("From", "To", "Cc", "Reply-To"):
+            values = view.header(name)
+            assert parse_addresses(values) == email.utils.getaddresses(values), (path, name)
+
+
+def test_long_address_lists_are_read_in_linear_time():
+    from filterd.message import parse_addresses
+    many = ", ".join(f"User {i} <u{i}@example.org>" for i in range(40_000))
+    started = time.process_time()
+    pairs = parse_addresses(["a@b.example", many, "@" * 1_000_000])
+    assert time.process_time() - started < 0.5   # generous: getaddresses took seconds
+    assert pairs[0] == ("", "a@b.example") or pairs[0][1] == "a@b.example"
+    assert [a for _, a in pairs[1:]] == [f"u{i}@example.org" for i in range(40_000)]
