@@ -183,6 +183,23 @@ def _broken_encoded_words(size: int) -> bytes:
     return (_HEAD + "Subject: " + subject + "\r\n\r\n" + MARKER_TEXT + "\r\n").encode()
 
 
+def _address_header(size: int, unit: str) -> bytes:
+    # one From header of `unit` (1 MiB of "@" cost the stdlib address parser seconds), folded
+    head = ("To: user@test.example\r\nDate: Fri, 04 Dec 2026 10:00:00 +0000\r\n"
+            "Message-ID: <hostile@client.test>\r\nSubject: hostile From\r\n")
+    line = unit * (900 // len(unit))
+    lines = "\r\n ".join([line] * max(1, (size - 4096) // (len(line) + 3)))
+    return ("From: " + lines + "\r\n" + head + "\r\n" + MARKER_TEXT + "\r\n").encode()
+
+
+def _from_at(size: int) -> bytes:
+    return _address_header(size, "@")
+
+
+def _from_list(size: int) -> bytes:
+    return _address_header(size, "Bob <a@b.example>, ")
+
+
 _BUILDERS = {
     "comment": _comment,
     "script": _script,
@@ -201,6 +218,8 @@ _BUILDERS = {
     "received": _received,
     "encoded_words": _encoded_words,
     "broken_encoded_words": _broken_encoded_words,
+    "from_at": _from_at,
+    "from_list": _from_list,
 }
 HOSTILE_CLASSES = tuple(_BUILDERS)
 
