@@ -3,7 +3,8 @@
 Each class (unclosed "<!--", "<script>", "<style>", "<a" and "< " runs, "<" and 500 KB of
 blanks, 1 MiB of "=", a 500 KB attribute, 100,000 URLs, 43,000 href targets, ~10,000 levels of
 MIME nesting, 400 levels over 1 MiB of short lines, 29,000 MIME parts, 50,000 headers, 6,000
-Received headers, a Subject of 1 MiB of RFC 2047 words, and of "=?" openers that never close)
+Received headers, a Subject of 1 MiB of RFC 2047 words, and of "=?" openers that never close,
+a From header of 1 MiB of "@" and one of 50,000 addresses)
 is built at --size bytes (default 1 MiB) and scanned once by the Scanner, offline and with the
 shipped rules (what `filterd scan --offline` runs), in a child process pinned to one CPU with
 an RLIMIT_CPU of --cpu-limit seconds, so a super-linear class shows as "> limit" instead of
