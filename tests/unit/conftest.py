@@ -1,4 +1,6 @@
+import asyncio
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,14 @@ def base_rules(core_rules: Path) -> Path:
     for name in ("auth.toml", "dnsbl.toml", "rules-engine.toml"):
         shutil.copy(PROJECT_RULES / name, core_rules / name)
     return core_rules
+
+
+@pytest.fixture
+def loop_thread():
+    """An event loop running in its own thread, as the daemon's loop runs beside libmilter's."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)

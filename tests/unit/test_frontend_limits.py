@@ -218,14 +218,6 @@ def test_lmtp_answers_a_size_refusal_once_per_recipient(rig):
 
 
 # --- milter ------------------------------------------------------------------------------
-@pytest.fixture
-def loop_thread():
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
 
 
 def milter_for(tmp_path, core_rules, loop, **overrides):

@@ -17,22 +17,10 @@ import Milter
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 
-
-
 @check("test.milter_slow", phase=Phase.MAIN)
 async def _slow(msg, ctx):
     await asyncio.sleep(10)
     return []
-
-
-@pytest.fixture
-def loop_thread():
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
 
 
 def make_scanner(tmp_path, core_rules, **overrides):

@@ -7,7 +7,6 @@ import asyncio
 import json
 import smtplib
 import sqlite3
-import threading
 
 import Milter
 import pytest
@@ -27,16 +26,6 @@ from filterd.service import Scanner
 
 CLEAN = (b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n"
          b"Date: Sun, 22 Nov 2026 05:00:00 +0000\r\nMessage-ID: <1@example.org>\r\n\r\nhello\r\n")
-
-
-@pytest.fixture
-def loop_thread():
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
 
 
 RECIPIENTS = """
