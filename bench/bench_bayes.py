@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from spamc import spam_score, spamd_symbols  # noqa: E402 (bench/spamc.py, beside this script)
 
-from filterd.bayes import Bayes, Learner, message_digest  # noqa: E402
+from filterd.bayes import Bayes, Learner  # noqa: E402
 from filterd.bayes.classifier import DEFAULT_CALIBRATION, ClassifierParams  # noqa: E402
 from filterd.message import parse  # noqa: E402
 from filterd.stores import HAM, SPAM  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from filterd.modes import CONTROL_SOCKET_MODE, set_socket_mode
-from filterd.statefs import UnsafeFile, check
+from filterd.statefs import check
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 

@@ -16,10 +16,8 @@ Exit status: 0 when every message was handled, 1 when some were skipped, 2 on us
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from filterd.cli.progress import ProgressBar, count_files

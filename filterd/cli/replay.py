@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from filterd.cli.progress import ProgressBar, count_files
 from filterd.textsafe import visible

@@ -34,9 +34,8 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from filterd.message import MessageView, decode_header_value, parse_addresses
 from filterd.ruleset.exact import translate

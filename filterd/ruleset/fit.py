@@ -531,8 +531,8 @@ def write_report(path: Path, weights: dict[str, float], counts: dict[str, list[i
              f"## On half {info['half']} (the training half, for comparison)", "",
              *metrics_table(train_eval), "",
              "## Per rule", "",
-             f"Hits on ham and spam of each half; score as fitted (nice rules may only go "
-             f"negative).", "",
+             "Hits on ham and spam of each half; score as fitted (nice rules may only go "
+             "negative).", "",
              f"| rule | ham {info['half']} | spam {info['half']} | ham {info['test_half']} | "
              f"spam {info['test_half']} | score |",
              "|---|---:|---:|---:|---:|---:|"]

@@ -13,7 +13,7 @@ from filterd.bayes.api import forget, learn
 from filterd.bayes.classifier import ClassifierParams, band, classify
 from filterd.bayes.tokenizer import tokenize
 from filterd.message import Envelope, parse
-from filterd.stores import LearnResult, open_token_store
+from filterd.stores import open_token_store
 from filterd.stores.sqlite import SqliteTokenStore
 
 

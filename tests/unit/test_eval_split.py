@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from filterd.policy import Levels
-from filterd.replay import MessageResult, from_record, summarize, to_record
+from filterd.replay import MessageResult, from_record, to_record
 
 ROOT = Path(__file__).resolve().parents[2]
 

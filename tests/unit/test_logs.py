@@ -12,7 +12,6 @@ import logging
 import socket
 from pathlib import Path
 
-import pytest
 
 from filterd import config, logsetup
 from filterd.message import Envelope

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from filterd import config, ruleset as ruleset_mod
+from filterd import config
 from filterd.message import parse
 from filterd.pipeline import Phase, REGISTRY, ScanContext, check, scan
 from filterd.policy import Symbol

@@ -97,7 +97,7 @@ def test_site_score_wins_over_the_shipped_bayes_set_and_its_own_bayes_score_over
     # a site that says PHRASE = 4 means it whatever Bayes said
     assert chosen["PHRASE"] == 4.0 and ruleset.bayes_score_origin["PHRASE"] == "scores.PHRASE"
     assert chosen["TRIGGER"] == 2.0
-    assert ruleset.location_of(f"bayes_scores.TRIGGER").endswith("local.d/mine.toml:5")
+    assert ruleset.location_of("bayes_scores.TRIGGER").endswith("local.d/mine.toml:5")
 
 
 @pytest.mark.parametrize("bayes_set, key, problem", [
