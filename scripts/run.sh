@@ -3,6 +3,9 @@
 # Brings up what the default configuration needs and says what to put into Postfix.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# What this script and its run.d hooks create under the state directory (settings, the private
+# clamd's directory) follows the file-mode policy too, whatever the caller's umask.
+umask 027
 STATE="${1:-./var}"
 mkdir -p -m 0750 "$STATE"   # the state dir is no one else's business (filterd/modes.py)
 STATE="$(cd "$STATE" && pwd)"

@@ -53,6 +53,7 @@ PY
       port="$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
       sed -e "s|@CLAMD_DIR@|$clamd_dir|g" -e "s|@CLAMD_TCP_PORT@|$port|g" \
           -e "s|^DatabaseDirectory .*|DatabaseDirectory $dbdir|" \
+          -e "s|^LocalSocketMode .*|LocalSocketMode 660|" -e "/^PidFile /d" \
           packaging/clamav/clamd.conf.in > "$clamd_dir/clamd.conf"
       "$clamd_bin" -c "$clamd_dir/clamd.conf" >>"$clamd_dir/clamd.out" 2>&1 &
       local pid=$! waited=0
