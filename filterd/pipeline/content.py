@@ -266,10 +266,33 @@ def _picklable_notes(notes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent_pid: int, forked_on_main_thread: bool) -> None:
+    """End this worker when the daemon ends, even by SIGKILL or the OOM killer: the kernel
+    sends SIGKILL when the parent goes (Linux). That signal follows the thread that forked, so
+    it is asked for only when that was the main thread; the pipe's EOF covers the rest."""
+    if not forked_on_main_thread:
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the daemon died before prctl took effect
+        os._exit(0)
+
+
 def _worker_main(conn: Any, settings: Any, ruleset: Any, progress: Any, job_cpu: Any,
-                 inherited: Sequence[Any]) -> None:
+                 inherited: Sequence[Any], parent_pid: int = 0,
+                 forked_on_main_thread: bool = False) -> None:
     """One worker: receive a job, parse, run each stage and send its ContentResult."""
-    for other in inherited:  # the parent's ends of the other workers' pipes
+    _die_with(parent_pid, forked_on_main_thread)
+    # The parent's ends of every worker's pipe, this worker's own included: while a copy of
+    # its own parent end stayed open here, the daemon's death never reached recv() as EOF
+    # and the worker outlived it.
+    for other in inherited:
         try:
             other.close()
         except OSError:
@@ -334,9 +357,11 @@ class _Worker:
         parent_end, child_end = mp.Pipe()
         self.progress = mp.RawValue("i", -1)     # index of the step being run
         self.job_cpu = mp.RawValue("d", 0.0)     # the worker's CPU clock when its job began
+        on_main = threading.current_thread() is threading.main_thread()
         self.process = mp.Process(target=_worker_main, name="filterd-content",
                                   args=(child_end, settings, ruleset, self.progress,
-                                        self.job_cpu, list(inherited)), daemon=True)
+                                        self.job_cpu, [*inherited, parent_end], os.getpid(),
+                                        on_main), daemon=True)
         self.process.start()
         child_end.close()
         self.conn = parent_end

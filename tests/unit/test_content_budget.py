@@ -288,3 +288,39 @@ def test_a_message_that_gets_no_free_worker_before_its_deadline_is_tempfailed_un
     assert "CONTENT_BUDGET" not in names(waiting) and "CHECK_TIMEOUT" not in names(waiting)
     assert elapsed < 4.0, elapsed      # it did not wait for the queue beyond its deadline
     assert any("CONTENT_BUDGET" in names(o) for o in ahead)
+
+
+DAEMON_THAT_DIES = """
+import os, signal, sys
+from filterd import config
+from filterd.ruleset import load
+from filterd.pipeline.content import ContentPool
+from pathlib import Path
+settings = config.defaults().with_overrides({"daemon.state_dir": sys.argv[2]})
+pool = ContentPool(settings, load(Path(sys.argv[1])), 2).start()
+print(" ".join(map(str, pool.pids)), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)   # as kill -9 or the OOM killer would end the daemon
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_end_when_the_daemon_is_killed(core_rules, tmp_path):
+    """The workers must not outlive a SIGKILLed daemon: orphans kept its rule set's memory
+    and, forked after the listeners opened, could hold its sockets."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", DAEMON_THAT_DIES, str(core_rules),
+                           str(tmp_path / "state")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if _alive(p)], "content workers outlived the daemon"
