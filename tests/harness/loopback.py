@@ -128,3 +128,21 @@ class RecordingMTA:
 
     def delrcpt(self, rcpt: str) -> None:
         self.calls.append(("delrcpt", rcpt))
+
+
+def milter_session(scanner: Any, loop: Any, *, macros: dict[str, str] | None = None,
+                   rcpts: tuple[str, ...] = ("b@example.net",)) -> Any:
+    """A FilterMilter bound to `scanner` and the daemon-side `loop`, with a RecordingMTA,
+    through connect, HELO, MAIL and RCPT as libmilter would drive it (headers and body are
+    the test's)."""
+    from filterd.frontends import milter as milter_frontend
+    milter_frontend._scanner, milter_frontend._loop = scanner, loop
+    m = milter_frontend.FilterMilter()
+    m._ctx = RecordingMTA(macros)
+    m._actions, m._protocol = milter_frontend.FLAGS, 0
+    m.connect("client.example", 4, ("192.0.2.9", 1234))
+    m.hello("client.example")
+    m.envfrom("<a@example.org>")
+    for rcpt in rcpts:
+        m.envrcpt(f"<{rcpt}>")
+    return m

@@ -15,7 +15,7 @@ import pytest
 
 from filterd.frontends import limits
 from filterd.frontends import milter as milter_frontend
-from harness.loopback import CLEAN, FrontendRig, RecordingMTA
+from harness.loopback import CLEAN, FrontendRig, milter_session
 
 MiB = 1024 * 1024
 
@@ -227,16 +227,9 @@ def milter_for(tmp_path, core_rules, loop, **overrides):
               "scan.mynetworks": [], "rules.dir": str(core_rules)}
     values.update(overrides)
     scanner = Scanner(config.defaults().with_overrides(values))
-    milter_frontend._scanner, milter_frontend._loop = scanner, loop
 
     def new() -> milter_frontend.FilterMilter:
-        m = milter_frontend.FilterMilter()
-        m._ctx = RecordingMTA()
-        m._actions, m._protocol = milter_frontend.FLAGS, 0
-        m.connect("client.example", 4, ("192.0.2.9", 1234))
-        m.envfrom("<a@example.org>")
-        m.envrcpt("<b@example.net>")
-        return m
+        return milter_session(scanner, loop)
     return scanner, new
 
 

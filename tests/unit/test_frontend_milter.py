@@ -10,7 +10,7 @@ from filterd import config
 from filterd.frontends import milter as milter_frontend
 from filterd.pipeline import Phase, check
 from filterd.service import Scanner
-from harness.loopback import RecordingMTA
+from harness.loopback import RecordingMTA, milter_session
 
 import Milter
 
@@ -32,15 +32,7 @@ def make_scanner(tmp_path, core_rules, **overrides):
 
 def deliver(loop, scanner, body: bytes, headers=((b"Subject", b"hi"), (b"X-Spam-Flag", b"NO"),
                                                  (b"From", b"a@example.org")), macros=None):
-    milter_frontend._scanner, milter_frontend._loop = scanner, loop
-    m = milter_frontend.FilterMilter()
-    m._ctx = RecordingMTA(macros)
-    m._actions = milter_frontend.FLAGS
-    m._protocol = 0
-    m.connect("client.example", 4, ("192.0.2.9", 1234))
-    m.hello("client.example")
-    m.envfrom("<a@example.org>")
-    m.envrcpt("<b@example.net>")
+    m = milter_session(scanner, loop, macros=macros)
     for name, value in headers:
         m.header_bytes(name, value)
     m.eoh()
@@ -215,13 +207,7 @@ def test_message_is_assembled_once_exactly_as_sent(tmp_path, core_rules, loop_th
     site.mkdir(parents=True)
     (site / "levels.toml").write_text("[levels]\nreject_level = 5000\n")
     scanner = make_scanner(tmp_path, core_rules, **{"rules.site_dir": str(site.parent)})
-    milter_frontend._scanner, milter_frontend._loop = scanner, loop_thread
-    m = milter_frontend.FilterMilter()
-    m._ctx = RecordingMTA()
-    m._actions, m._protocol = milter_frontend.FLAGS, 0
-    m.connect("client.example", 4, ("192.0.2.9", 1234))
-    m.envfrom("<a@example.org>")
-    m.envrcpt("<b@example.net>")
+    m = milter_session(scanner, loop_thread)
     m.header_bytes(b"Subject", b"two\n\tlines")
     m.header_bytes(b"From", b"a@example.org")
     for chunk in (b"first chunk\r\n", GTUBE, b"\r\nlast\r\n"):

@@ -12,9 +12,8 @@ import Milter
 import pytest
 
 from filterd import config
-from harness.loopback import GTUBE, FrontendRig, RecordingMTA, free_port
+from harness.loopback import GTUBE, FrontendRig, free_port, milter_session
 
-from filterd.frontends import milter as milter_frontend
 from filterd.frontends import smtp as smtp_frontend
 from filterd.message import Envelope
 from filterd.policy import Action
@@ -207,16 +206,7 @@ def test_tempfail_of_one_recipient_tempfails_all_before_storing(tmp_path, core_r
 # ---- milter -----------------------------------------------------------------------------
 
 def milter_deliver(loop, scanner, body, rcpts):
-    milter_frontend._scanner, milter_frontend._loop = scanner, loop
-    m = milter_frontend.FilterMilter()
-    m._ctx = RecordingMTA({"i": "QR1"})
-    m._actions = milter_frontend.FLAGS
-    m._protocol = 0
-    m.connect("client.example", 4, ("192.0.2.9", 1234))
-    m.hello("client.example")
-    m.envfrom("<a@example.org>")
-    for r in rcpts:
-        m.envrcpt(f"<{r}>")
+    m = milter_session(scanner, loop, macros={"i": "QR1"}, rcpts=tuple(rcpts))
     for name, value in ((b"Subject", b"hi"), (b"From", b"a@example.org")):
         m.header_bytes(name, value)
     m.eoh()
