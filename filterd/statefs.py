@@ -86,6 +86,19 @@ def check(st: os.stat_result, path: Path | str, want: int) -> None:
                                f"{user_name(euid)} that this process runs as{hint}")
 
 
+def _vetted(fd: int, path: Path | str, want: int, set_mode: int | None = None) -> int:
+    """`fd` once check() passes on what it is open on (and, for a node this process just
+    created, its mode is `set_mode` exactly); closed when anything fails."""
+    try:
+        check(os.fstat(fd), path, want)
+        if set_mode is not None:
+            os.fchmod(fd, set_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _open_nofollow(dir_fd: int, name: str, flags: int, path: str, mode: int = FILE_MODE) -> int:
     if not name or "/" in name or name in (".", ".."):
         raise UnsafeFile(path, "not a plain file name")
@@ -125,13 +138,7 @@ class Dir:
         if follow:
             if create:
                 path.mkdir(mode=mode, parents=True, exist_ok=True)
-            fd = os.open(path, _DIR_FLAGS)
-            try:
-                check(os.fstat(fd), path, stat.S_IFDIR)
-            except BaseException:
-                os.close(fd)
-                raise
-            return cls(fd, path)
+            return cls(_vetted(os.open(path, _DIR_FLAGS), path, stat.S_IFDIR), path)
         if create:
             path.parent.mkdir(mode=mode, parents=True, exist_ok=True)
         with cls(os.open(path.parent, _DIR_FLAGS), path.parent) as parent:
@@ -149,14 +156,7 @@ class Dir:
         else:
             created = False
         fd = _open_nofollow(self.fd, name, _DIR_FLAGS, str(path))
-        try:
-            check(os.fstat(fd), path, stat.S_IFDIR)
-            if created:
-                os.fchmod(fd, mode)
-        except BaseException:
-            os.close(fd)
-            raise
-        return Dir(fd, path)
+        return Dir(_vetted(fd, path, stat.S_IFDIR, mode if created else None), path)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -184,14 +184,7 @@ class Dir:
         else:
             fd = _open_nofollow(self.fd, name, flags, path, mode)
             created = bool(flags & os.O_CREAT)
-        try:
-            check(os.fstat(fd), path, stat.S_IFREG)
-            if created:
-                os.fchmod(fd, mode)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return _vetted(fd, path, stat.S_IFREG, mode if created else None)
 
     def read(self, name: str, limit: int | None = None) -> bytes:
         fd = self.open_file(name, os.O_RDONLY)
