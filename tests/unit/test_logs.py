@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import socket
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 
@@ -19,6 +20,23 @@ from filterd.service import Scanner
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "replay"
 CORPUS = DATA / "corpus"
+
+
+@contextmanager
+def root_logging_restored():
+    """The root logger's handlers and level as they were, after a test let logsetup.setup()
+    replace them (the handlers it installed are closed)."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        yield root
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
 
 
 def settings_for(tmp_path: Path, **extra):
@@ -77,9 +95,7 @@ def test_journald_target_sends_native_fields(tmp_path, monkeypatch):
     journal.settimeout(5)
     monkeypatch.setattr(logsetup, "JOURNAL_SOCKET", str(path))
     settings = settings_for(tmp_path, **{"log.target": "journald"})
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    try:
+    with root_logging_restored(), closing(journal):
         logsetup.setup(settings)
         handler = logging.getLogger().handlers[0]
         assert isinstance(handler, logsetup.JournalHandler)
@@ -90,14 +106,6 @@ def test_journald_target_sends_native_fields(tmp_path, monkeypatch):
             datagrams.append(data)
             if b"FILTERD_QUEUE_ID=" in data:
                 break
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-            h.close()
-        for h in saved[0]:
-            root.addHandler(h)
-        root.setLevel(saved[1])
-        journal.close()
     fields = dict(line.split(b"=", 1) for line in datagrams[-1].split(b"\n") if b"=" in line)
     assert fields[b"SYSLOG_IDENTIFIER"] == b"filterd" and fields[b"PRIORITY"] == b"6"
     assert fields[b"FILTERD_QUEUE_ID"] == b"4AbCdE"
@@ -118,37 +126,19 @@ def test_syslog_target_uses_the_configured_socket_and_facility(tmp_path):
     syslog.settimeout(5)
     settings = settings_for(tmp_path, **{"log.target": "syslog",
                                          "log.syslog_address": str(path)})
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    try:
+    with root_logging_restored(), closing(syslog):
         logsetup.setup(settings)
         logging.getLogger("filterd.test").warning("hello syslog")
         data = syslog.recv(65536)
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-            h.close()
-        for h in saved[0]:
-            root.addHandler(h)
-        root.setLevel(saved[1])
-        syslog.close()
     # <PRI> = facility mail (2) * 8 + warning (4) = 20
     assert data.startswith(b"<20>filterd[") and b"filterd.test: hello syslog" in data
 
 
 def test_unreachable_targets_fall_back_to_stderr(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(logsetup, "JOURNAL_SOCKET", str(tmp_path / "absent.socket"))
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    try:
+    with root_logging_restored() as root:
         logsetup.setup(settings_for(tmp_path, **{"log.target": "journald"}))
         assert isinstance(root.handlers[0], logging.StreamHandler)
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in saved[0]:
-            root.addHandler(h)
-        root.setLevel(saved[1])
     assert "logging to stderr instead" in capsys.readouterr().err
 
 
@@ -162,18 +152,9 @@ HOSTILE = (b"From: =?utf-8?q?Eve_=1B]0;pwned=07?= <eve@example.org>\r\n"
 
 
 def _capture_stderr(settings, capsys, emit) -> str:
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    try:
+    with root_logging_restored():
         logsetup.setup(settings)
         emit()
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-            h.close()
-        for h in saved[0]:
-            root.addHandler(h)
-        root.setLevel(saved[1])
     return capsys.readouterr().err
 
 
