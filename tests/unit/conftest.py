@@ -33,15 +33,25 @@ def core_rules(tmp_path) -> Path:
 
 
 @pytest.fixture
-def base_rules(core_rules: Path) -> Path:
-    """The core rule files plus the rules engine bindings, auth.toml and dnsbl.toml (the symbols
-    imported SpamAssassin rules refer to): loading the whole shipped set would compile every
-    family's patterns for each test."""
+def engine_rules(core_rules: Path) -> Path:
+    """The core rule files plus the rules engine's bindings (rules-engine.toml): a test adds
+    its own pattern rules without compiling the shipped ones."""
     import shutil
     from filterd.config import PROJECT_RULES
-    for name in ("auth.toml", "dnsbl.toml", "rules-engine.toml"):
-        shutil.copy(PROJECT_RULES / name, core_rules / name)
+    shutil.copy(PROJECT_RULES / "rules-engine.toml", core_rules / "rules-engine.toml")
     return core_rules
+
+
+@pytest.fixture
+def base_rules(engine_rules: Path) -> Path:
+    """engine_rules plus auth.toml and dnsbl.toml (the symbols imported SpamAssassin rules
+    refer to): loading the whole shipped set would compile every family's patterns for each
+    test."""
+    import shutil
+    from filterd.config import PROJECT_RULES
+    for name in ("auth.toml", "dnsbl.toml"):
+        shutil.copy(PROJECT_RULES / name, engine_rules / name)
+    return engine_rules
 
 
 @pytest.fixture

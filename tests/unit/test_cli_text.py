@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from filterd import config
 
 REPO = Path(__file__).resolve().parents[2]
 RULE = """
@@ -34,11 +33,8 @@ def raw_controls(data: bytes) -> list[str]:
         ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 or c in "\u202e\u2066\u2067\u2068\u2069")]
 
 
-def test_scan_explain_shows_matched_message_text_escaped(tmp_path):
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    for name in ("actions.toml", "core.toml", "scores.toml", "rules-engine.toml"):
-        (rules / name).write_bytes((config.PROJECT_RULES / name).read_bytes())
+def test_scan_explain_shows_matched_message_text_escaped(tmp_path, engine_rules):
+    rules = engine_rules
     (rules / "test.toml").write_text(RULE)
     (tmp_path / "filterd.toml").write_text(f'[rules]\ndir = "{rules}"\ncompile_cache = "off"\n')
     name = "hostile\x1b[2J.eml"

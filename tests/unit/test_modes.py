@@ -39,11 +39,8 @@ def world_accessible(root: Path) -> list[str]:
     return out
 
 
-def test_cli_commands_under_umask_022_create_nothing_world_accessible(tmp_path):
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    for name in ("actions.toml", "core.toml", "scores.toml", "rules-engine.toml"):
-        (rules / name).write_bytes((config.PROJECT_RULES / name).read_bytes())
+def test_cli_commands_under_umask_022_create_nothing_world_accessible(tmp_path, engine_rules):
+    rules = engine_rules
     (rules / "test-pattern.toml").write_text(RULE)
     (tmp_path / "filterd.toml").write_text(f'[rules]\ndir = "{rules}"\n')
     (tmp_path / "m.eml").write_bytes(MESSAGE)
